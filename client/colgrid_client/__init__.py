@@ -1,0 +1,1 @@
+"""colgrid client SDK (grpcio + protobuf only)."""

@@ -1,0 +1,1 @@
+"""colgrid registry: indexes, versions and rollouts (SQLite embedded; no gRPC here)."""

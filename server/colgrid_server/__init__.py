@@ -1,0 +1,1 @@
+"""colgrid server: encoders, index versions, search and the gRPC service."""
