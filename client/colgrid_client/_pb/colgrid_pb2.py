@@ -26,55 +26,55 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63olgrid/v1/colgrid.proto\x12\ncolgrid.v1\x1a\x1cgoogle/protobuf/struct.proto\"n\n\x0bMultiVector\x12\x0c\n\x04rows\x18\x01 \x01(\r\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0e\n\x06tokens\x18\x04 \x03(\t\x12\x13\n\x0bspan_starts\x18\x05 \x03(\x05\x12\x11\n\tspan_ends\x18\x06 \x03(\x05\"\xdc\x01\n\rSearchRequest\x12\r\n\x05index\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\t\n\x01k\x18\x03 \x01(\r\x12\x0e\n\x06nprobe\x18\x04 \x01(\r\x12\x14\n\x0cn_candidates\x18\x05 \x01(\r\x12\x0f\n\x07\x65xplain\x18\x06 \x01(\x08\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x13\n\x0brouting_key\x18\x08 \x01(\t\x12.\n\rquery_vectors\x18\t \x01(\x0b\x32\x17.colgrid.v1.MultiVector\x12\x12\n\nexhaustive\x18\n \x01(\x08\"\xa1\x01\n\nTokenMatch\x12\x13\n\x0bquery_index\x18\x01 \x01(\r\x12\x13\n\x0bquery_token\x18\x02 \x01(\t\x12\x17\n\x0f\x64oc_token_index\x18\x03 \x01(\r\x12\x11\n\tdoc_token\x18\x04 \x01(\t\x12\r\n\x05start\x18\x05 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x06 \x01(\x05\x12\x12\n\nsimilarity\x18\x07 \x01(\x02\x12\r\n\x05share\x18\x08 \x01(\x02\"\x8a\x01\n\x03Hit\x12\x0e\n\x06\x64oc_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12)\n\x08metadata\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12+\n\x0b\x65xplanation\x18\x04 \x03(\x0b\x32\x16.colgrid.v1.TokenMatch\x12\x0c\n\x04rank\x18\x05 \x01(\r\"\x86\x01\n\x0bSearchStats\x12\x11\n\tencode_ms\x18\x01 \x01(\x02\x12\x15\n\rcandidates_ms\x18\x02 \x01(\x02\x12\x11\n\tmaxsim_ms\x18\x03 \x01(\x02\x12\x10\n\x08total_ms\x18\x04 \x01(\x02\x12\x12\n\ncandidates\x18\x05 \x01(\r\x12\x14\n\x0cquery_tokens\x18\x06 \x01(\r\"\x9f\x01\n\x0eSearchResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x1d\n\x04hits\x18\x04 \x03(\x0b\x32\x0f.colgrid.v1.Hit\x12&\n\x05stats\x18\x05 \x01(\x0b\x32\x17.colgrid.v1.SearchStats\x12\x12\n\nencoder_id\x18\x06 \x01(\t\"S\n\x12\x45ncodeQueryRequest\x12\x0f\n\x05index\x18\x01 \x01(\tH\x00\x12\x14\n\nencoder_id\x18\x02 \x01(\tH\x00\x12\x0c\n\x04text\x18\x03 \x01(\tB\x08\n\x06target\"X\n\x16\x45ncodeDocumentsRequest\x12\x0f\n\x05index\x18\x01 \x01(\tH\x00\x12\x14\n\nencoder_id\x18\x02 \x01(\tH\x00\x12\r\n\x05texts\x18\x03 \x03(\tB\x08\n\x06target\"_\n\x0e\x45ncodeResponse\x12\x12\n\nencoder_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12(\n\x07vectors\x18\x03 \x03(\x0b\x32\x17.colgrid.v1.MultiVector\"\xc0\x02\n\x07Version\x12\r\n\x05index\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\'\n\x05state\x18\x03 \x01(\x0e\x32\x18.colgrid.v1.VersionState\x12\x12\n\nencoder_id\x18\x04 \x01(\t\x12\x14\n\x0c\x65ncoder_kind\x18\x05 \x01(\t\x12\x0b\n\x03\x64im\x18\x06 \x01(\r\x12\x11\n\tdocuments\x18\x07 \x01(\x04\x12\x0e\n\x06tokens\x18\x08 \x01(\x04\x12\x13\n\x0bstorage_uri\x18\t \x01(\t\x12-\n\x0c\x62uild_params\x18\n \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x17\n\x0fmanifest_sha256\x18\x0b \x01(\t\x12\x12\n\ncreated_at\x18\x0c \x01(\t\x12\x12\n\nupdated_at\x18\r \x01(\t\x12\r\n\x05\x65rror\x18\x0e \x01(\t\"\xb9\x01\n\x07Rollout\x12\r\n\x05index\x18\x01 \x01(\t\x12\x0e\n\x06stable\x18\x02 \x01(\t\x12\x0e\n\x06\x63\x61nary\x18\x03 \x01(\t\x12\x16\n\x0e\x63\x61nary_percent\x18\x04 \x01(\r\x12\x0e\n\x06shadow\x18\x05 \x01(\t\x12\x16\n\x0eshadow_percent\x18\x06 \x01(\r\x12\x17\n\x0fprevious_stable\x18\x07 \x01(\t\x12\x12\n\ngeneration\x18\x08 \x01(\x04\x12\x12\n\nupdated_at\x18\t \x01(\t\"u\n\tIndexInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\ncreated_at\x18\x02 \x01(\t\x12$\n\x07rollout\x18\x03 \x01(\x0b\x32\x13.colgrid.v1.Rollout\x12\x10\n\x08versions\x18\x04 \x01(\r\x12\x0e\n\x06loaded\x18\x05 \x01(\x08\"\x14\n\x12ListIndexesRequest\"=\n\x13ListIndexesResponse\x12&\n\x07indexes\x18\x01 \x03(\x0b\x32\x15.colgrid.v1.IndexInfo\" \n\x0fGetIndexRequest\x12\r\n\x05index\x18\x01 \x01(\t\"$\n\x13ListVersionsRequest\x12\r\n\x05index\x18\x01 \x01(\t\"=\n\x14ListVersionsResponse\x12%\n\x08versions\x18\x01 \x03(\x0b\x32\x13.colgrid.v1.Version\"3\n\x11GetVersionRequest\x12\r\n\x05index\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t*_\n\x0cVersionState\x12\x1d\n\x19VERSION_STATE_UNSPECIFIED\x10\x00\x12\x0c\n\x08\x42UILDING\x10\x01\x12\t\n\x05READY\x10\x02\x12\n\n\x06\x46\x41ILED\x10\x03\x12\x0b\n\x07RETIRED\x10\x04\x32\x9b\x01\n\rSearchService\x12?\n\x06Search\x12\x19.colgrid.v1.SearchRequest\x1a\x1a.colgrid.v1.SearchResponse\x12I\n\x0cSearchStream\x12\x19.colgrid.v1.SearchRequest\x1a\x1a.colgrid.v1.SearchResponse(\x01\x30\x01\x32\xad\x01\n\rEncodeService\x12I\n\x0b\x45ncodeQuery\x12\x1e.colgrid.v1.EncodeQueryRequest\x1a\x1a.colgrid.v1.EncodeResponse\x12Q\n\x0f\x45ncodeDocuments\x12\".colgrid.v1.EncodeDocumentsRequest\x1a\x1a.colgrid.v1.EncodeResponse2\xb6\x02\n\x0fRegistryService\x12N\n\x0bListIndexes\x12\x1e.colgrid.v1.ListIndexesRequest\x1a\x1f.colgrid.v1.ListIndexesResponse\x12>\n\x08GetIndex\x12\x1b.colgrid.v1.GetIndexRequest\x1a\x15.colgrid.v1.IndexInfo\x12Q\n\x0cListVersions\x12\x1f.colgrid.v1.ListVersionsRequest\x1a .colgrid.v1.ListVersionsResponse\x12@\n\nGetVersion\x12\x1d.colgrid.v1.GetVersionRequest\x1a\x13.colgrid.v1.Versionb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63olgrid/v1/colgrid.proto\x12\ncolgrid.v1\x1a\x1cgoogle/protobuf/struct.proto\"n\n\x0bMultiVector\x12\x0c\n\x04rows\x18\x01 \x01(\r\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0e\n\x06tokens\x18\x04 \x03(\t\x12\x13\n\x0bspan_starts\x18\x05 \x03(\x05\x12\x11\n\tspan_ends\x18\x06 \x03(\x05\"\x8d\x02\n\rSearchRequest\x12\r\n\x05index\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\x0e\n\x01k\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x06nprobe\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x19\n\x0cn_candidates\x18\x05 \x01(\x05H\x02\x88\x01\x01\x12\x0f\n\x07\x65xplain\x18\x06 \x01(\x08\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x13\n\x0brouting_key\x18\x08 \x01(\t\x12.\n\rquery_vectors\x18\t \x01(\x0b\x32\x17.colgrid.v1.MultiVector\x12\x12\n\nexhaustive\x18\n \x01(\x08\x42\x04\n\x02_kB\t\n\x07_nprobeB\x0f\n\r_n_candidates\"\xa1\x01\n\nTokenMatch\x12\x13\n\x0bquery_index\x18\x01 \x01(\r\x12\x13\n\x0bquery_token\x18\x02 \x01(\t\x12\x17\n\x0f\x64oc_token_index\x18\x03 \x01(\r\x12\x11\n\tdoc_token\x18\x04 \x01(\t\x12\r\n\x05start\x18\x05 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x06 \x01(\x05\x12\x12\n\nsimilarity\x18\x07 \x01(\x02\x12\r\n\x05share\x18\x08 \x01(\x02\"\x8a\x01\n\x03Hit\x12\x0e\n\x06\x64oc_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12)\n\x08metadata\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12+\n\x0b\x65xplanation\x18\x04 \x03(\x0b\x32\x16.colgrid.v1.TokenMatch\x12\x0c\n\x04rank\x18\x05 \x01(\r\"\x86\x01\n\x0bSearchStats\x12\x11\n\tencode_ms\x18\x01 \x01(\x02\x12\x15\n\rcandidates_ms\x18\x02 \x01(\x02\x12\x11\n\tmaxsim_ms\x18\x03 \x01(\x02\x12\x10\n\x08total_ms\x18\x04 \x01(\x02\x12\x12\n\ncandidates\x18\x05 \x01(\r\x12\x14\n\x0cquery_tokens\x18\x06 \x01(\r\"\x9f\x01\n\x0eSearchResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x1d\n\x04hits\x18\x04 \x03(\x0b\x32\x0f.colgrid.v1.Hit\x12&\n\x05stats\x18\x05 \x01(\x0b\x32\x17.colgrid.v1.SearchStats\x12\x12\n\nencoder_id\x18\x06 \x01(\t\"S\n\x12\x45ncodeQueryRequest\x12\x0f\n\x05index\x18\x01 \x01(\tH\x00\x12\x14\n\nencoder_id\x18\x02 \x01(\tH\x00\x12\x0c\n\x04text\x18\x03 \x01(\tB\x08\n\x06target\"X\n\x16\x45ncodeDocumentsRequest\x12\x0f\n\x05index\x18\x01 \x01(\tH\x00\x12\x14\n\nencoder_id\x18\x02 \x01(\tH\x00\x12\r\n\x05texts\x18\x03 \x03(\tB\x08\n\x06target\"_\n\x0e\x45ncodeResponse\x12\x12\n\nencoder_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12(\n\x07vectors\x18\x03 \x03(\x0b\x32\x17.colgrid.v1.MultiVector\"\xc0\x02\n\x07Version\x12\r\n\x05index\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\'\n\x05state\x18\x03 \x01(\x0e\x32\x18.colgrid.v1.VersionState\x12\x12\n\nencoder_id\x18\x04 \x01(\t\x12\x14\n\x0c\x65ncoder_kind\x18\x05 \x01(\t\x12\x0b\n\x03\x64im\x18\x06 \x01(\r\x12\x11\n\tdocuments\x18\x07 \x01(\x04\x12\x0e\n\x06tokens\x18\x08 \x01(\x04\x12\x13\n\x0bstorage_uri\x18\t \x01(\t\x12-\n\x0c\x62uild_params\x18\n \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x17\n\x0fmanifest_sha256\x18\x0b \x01(\t\x12\x12\n\ncreated_at\x18\x0c \x01(\t\x12\x12\n\nupdated_at\x18\r \x01(\t\x12\r\n\x05\x65rror\x18\x0e \x01(\t\"\xb9\x01\n\x07Rollout\x12\r\n\x05index\x18\x01 \x01(\t\x12\x0e\n\x06stable\x18\x02 \x01(\t\x12\x0e\n\x06\x63\x61nary\x18\x03 \x01(\t\x12\x16\n\x0e\x63\x61nary_percent\x18\x04 \x01(\r\x12\x0e\n\x06shadow\x18\x05 \x01(\t\x12\x16\n\x0eshadow_percent\x18\x06 \x01(\r\x12\x17\n\x0fprevious_stable\x18\x07 \x01(\t\x12\x12\n\ngeneration\x18\x08 \x01(\x04\x12\x12\n\nupdated_at\x18\t \x01(\t\"u\n\tIndexInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\ncreated_at\x18\x02 \x01(\t\x12$\n\x07rollout\x18\x03 \x01(\x0b\x32\x13.colgrid.v1.Rollout\x12\x10\n\x08versions\x18\x04 \x01(\r\x12\x0e\n\x06loaded\x18\x05 \x01(\x08\"\x14\n\x12ListIndexesRequest\"=\n\x13ListIndexesResponse\x12&\n\x07indexes\x18\x01 \x03(\x0b\x32\x15.colgrid.v1.IndexInfo\" \n\x0fGetIndexRequest\x12\r\n\x05index\x18\x01 \x01(\t\"$\n\x13ListVersionsRequest\x12\r\n\x05index\x18\x01 \x01(\t\"=\n\x14ListVersionsResponse\x12%\n\x08versions\x18\x01 \x03(\x0b\x32\x13.colgrid.v1.Version\"3\n\x11GetVersionRequest\x12\r\n\x05index\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t*_\n\x0cVersionState\x12\x1d\n\x19VERSION_STATE_UNSPECIFIED\x10\x00\x12\x0c\n\x08\x42UILDING\x10\x01\x12\t\n\x05READY\x10\x02\x12\n\n\x06\x46\x41ILED\x10\x03\x12\x0b\n\x07RETIRED\x10\x04\x32\x9b\x01\n\rSearchService\x12?\n\x06Search\x12\x19.colgrid.v1.SearchRequest\x1a\x1a.colgrid.v1.SearchResponse\x12I\n\x0cSearchStream\x12\x19.colgrid.v1.SearchRequest\x1a\x1a.colgrid.v1.SearchResponse(\x01\x30\x01\x32\xad\x01\n\rEncodeService\x12I\n\x0b\x45ncodeQuery\x12\x1e.colgrid.v1.EncodeQueryRequest\x1a\x1a.colgrid.v1.EncodeResponse\x12Q\n\x0f\x45ncodeDocuments\x12\".colgrid.v1.EncodeDocumentsRequest\x1a\x1a.colgrid.v1.EncodeResponse2\xb6\x02\n\x0fRegistryService\x12N\n\x0bListIndexes\x12\x1e.colgrid.v1.ListIndexesRequest\x1a\x1f.colgrid.v1.ListIndexesResponse\x12>\n\x08GetIndex\x12\x1b.colgrid.v1.GetIndexRequest\x1a\x15.colgrid.v1.IndexInfo\x12Q\n\x0cListVersions\x12\x1f.colgrid.v1.ListVersionsRequest\x1a .colgrid.v1.ListVersionsResponse\x12@\n\nGetVersion\x12\x1d.colgrid.v1.GetVersionRequest\x1a\x13.colgrid.v1.Versionb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'colgrid.v1.colgrid_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_VERSIONSTATE']._serialized_start=2184
-  _globals['_VERSIONSTATE']._serialized_end=2279
+  _globals['_VERSIONSTATE']._serialized_start=2233
+  _globals['_VERSIONSTATE']._serialized_end=2328
   _globals['_MULTIVECTOR']._serialized_start=70
   _globals['_MULTIVECTOR']._serialized_end=180
   _globals['_SEARCHREQUEST']._serialized_start=183
-  _globals['_SEARCHREQUEST']._serialized_end=403
-  _globals['_TOKENMATCH']._serialized_start=406
-  _globals['_TOKENMATCH']._serialized_end=567
-  _globals['_HIT']._serialized_start=570
-  _globals['_HIT']._serialized_end=708
-  _globals['_SEARCHSTATS']._serialized_start=711
-  _globals['_SEARCHSTATS']._serialized_end=845
-  _globals['_SEARCHRESPONSE']._serialized_start=848
-  _globals['_SEARCHRESPONSE']._serialized_end=1007
-  _globals['_ENCODEQUERYREQUEST']._serialized_start=1009
-  _globals['_ENCODEQUERYREQUEST']._serialized_end=1092
-  _globals['_ENCODEDOCUMENTSREQUEST']._serialized_start=1094
-  _globals['_ENCODEDOCUMENTSREQUEST']._serialized_end=1182
-  _globals['_ENCODERESPONSE']._serialized_start=1184
-  _globals['_ENCODERESPONSE']._serialized_end=1279
-  _globals['_VERSION']._serialized_start=1282
-  _globals['_VERSION']._serialized_end=1602
-  _globals['_ROLLOUT']._serialized_start=1605
-  _globals['_ROLLOUT']._serialized_end=1790
-  _globals['_INDEXINFO']._serialized_start=1792
-  _globals['_INDEXINFO']._serialized_end=1909
-  _globals['_LISTINDEXESREQUEST']._serialized_start=1911
-  _globals['_LISTINDEXESREQUEST']._serialized_end=1931
-  _globals['_LISTINDEXESRESPONSE']._serialized_start=1933
-  _globals['_LISTINDEXESRESPONSE']._serialized_end=1994
-  _globals['_GETINDEXREQUEST']._serialized_start=1996
-  _globals['_GETINDEXREQUEST']._serialized_end=2028
-  _globals['_LISTVERSIONSREQUEST']._serialized_start=2030
-  _globals['_LISTVERSIONSREQUEST']._serialized_end=2066
-  _globals['_LISTVERSIONSRESPONSE']._serialized_start=2068
-  _globals['_LISTVERSIONSRESPONSE']._serialized_end=2129
-  _globals['_GETVERSIONREQUEST']._serialized_start=2131
-  _globals['_GETVERSIONREQUEST']._serialized_end=2182
-  _globals['_SEARCHSERVICE']._serialized_start=2282
-  _globals['_SEARCHSERVICE']._serialized_end=2437
-  _globals['_ENCODESERVICE']._serialized_start=2440
-  _globals['_ENCODESERVICE']._serialized_end=2613
-  _globals['_REGISTRYSERVICE']._serialized_start=2616
-  _globals['_REGISTRYSERVICE']._serialized_end=2926
+  _globals['_SEARCHREQUEST']._serialized_end=452
+  _globals['_TOKENMATCH']._serialized_start=455
+  _globals['_TOKENMATCH']._serialized_end=616
+  _globals['_HIT']._serialized_start=619
+  _globals['_HIT']._serialized_end=757
+  _globals['_SEARCHSTATS']._serialized_start=760
+  _globals['_SEARCHSTATS']._serialized_end=894
+  _globals['_SEARCHRESPONSE']._serialized_start=897
+  _globals['_SEARCHRESPONSE']._serialized_end=1056
+  _globals['_ENCODEQUERYREQUEST']._serialized_start=1058
+  _globals['_ENCODEQUERYREQUEST']._serialized_end=1141
+  _globals['_ENCODEDOCUMENTSREQUEST']._serialized_start=1143
+  _globals['_ENCODEDOCUMENTSREQUEST']._serialized_end=1231
+  _globals['_ENCODERESPONSE']._serialized_start=1233
+  _globals['_ENCODERESPONSE']._serialized_end=1328
+  _globals['_VERSION']._serialized_start=1331
+  _globals['_VERSION']._serialized_end=1651
+  _globals['_ROLLOUT']._serialized_start=1654
+  _globals['_ROLLOUT']._serialized_end=1839
+  _globals['_INDEXINFO']._serialized_start=1841
+  _globals['_INDEXINFO']._serialized_end=1958
+  _globals['_LISTINDEXESREQUEST']._serialized_start=1960
+  _globals['_LISTINDEXESREQUEST']._serialized_end=1980
+  _globals['_LISTINDEXESRESPONSE']._serialized_start=1982
+  _globals['_LISTINDEXESRESPONSE']._serialized_end=2043
+  _globals['_GETINDEXREQUEST']._serialized_start=2045
+  _globals['_GETINDEXREQUEST']._serialized_end=2077
+  _globals['_LISTVERSIONSREQUEST']._serialized_start=2079
+  _globals['_LISTVERSIONSREQUEST']._serialized_end=2115
+  _globals['_LISTVERSIONSRESPONSE']._serialized_start=2117
+  _globals['_LISTVERSIONSRESPONSE']._serialized_end=2178
+  _globals['_GETVERSIONREQUEST']._serialized_start=2180
+  _globals['_GETVERSIONREQUEST']._serialized_end=2231
+  _globals['_SEARCHSERVICE']._serialized_start=2331
+  _globals['_SEARCHSERVICE']._serialized_end=2486
+  _globals['_ENCODESERVICE']._serialized_start=2489
+  _globals['_ENCODESERVICE']._serialized_end=2662
+  _globals['_REGISTRYSERVICE']._serialized_start=2665
+  _globals['_REGISTRYSERVICE']._serialized_end=2975
 # @@protoc_insertion_point(module_scope)
