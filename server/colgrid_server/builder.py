@@ -1,0 +1,70 @@
+"""Build a new index version end to end: registry BUILDING -> Zarr version -> READY -> (stable).
+
+The registry entry is created first so a crash mid-build leaves a visible BUILDING/FAILED row,
+never a READY version without its files; the version directory appears only once complete
+(VersionWriter publishes atomically).
+"""
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from colgrid_registry import Registry
+from colgrid_server.documents import Document
+from colgrid_server.encoders import encoder_id, ensure_default_encoder, load_encoder
+from colgrid_server.index import VersionSummary, build_version
+from colgrid_server.paths import DataDir
+
+
+@dataclass(frozen=True)
+class BuildOutcome:
+    index: str
+    version: str
+    summary: VersionSummary
+    activated: bool
+
+
+def import_encoder(data: DataDir, path: Path) -> Path:
+    """The encoder's directory inside the data dir (copied there if it lives elsewhere), so a
+    server started on this data dir can always load the encoder its versions pin."""
+    path = path.resolve()
+    if data.encoders.resolve() in path.parents:
+        return path
+    ident = encoder_id(path)
+    target = data.encoders / f"{path.name}-{ident[:12]}"
+    if not target.exists():
+        tmp = target.with_name(f".{target.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(path, tmp)
+        tmp.rename(target)
+    return target
+
+
+def build_index(data: DataDir, registry: Registry, name: str, documents: Iterable[Document], *,
+                encoder_dir: Path | None = None, activate: bool = True, batch_size: int = 64,
+                build_params: Mapping[str, Any] | None = None, progress: bool = True,
+                actor: str = "cli", reason: str = "") -> BuildOutcome:
+    registry.ensure_index(name)  # validates the name before any work
+    encoder_path = import_encoder(data, encoder_dir) if encoder_dir else ensure_default_encoder(data.root)
+    encoder = load_encoder(encoder_path)
+    params = {"batch_size": batch_size, **(build_params or {})}
+    record = registry.allocate_version(name, encoder_id=encoder.id, encoder_kind=encoder.kind,
+                                       dim=encoder.dim, storage_uri="", build_params=params)
+    final_dir = data.version_dir(name, record.version).resolve()
+    try:
+        summary = build_version(documents, encoder, final_dir, batch_size=batch_size,
+                                build_params=params, progress=progress)
+    except BaseException as exc:
+        registry.mark_failed(name, record.version, f"{type(exc).__name__}: {exc}")
+        raise
+    registry.mark_ready(name, record.version, documents=summary.documents, tokens=summary.tokens,
+                        manifest_sha256=summary.manifest_sha256, storage_uri=str(final_dir))
+    activated = False
+    if activate:
+        registry.set_stable(name, record.version, actor=actor,
+                            reason=reason or f"built {summary.documents} documents")
+        activated = True
+    return BuildOutcome(index=name, version=record.version, summary=summary, activated=activated)

@@ -1,0 +1,62 @@
+"""Encoders available under a data dir, addressed by identity (sha256 of their files)."""
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+from colgrid_server.encoders import encoder_id, load_encoder
+from colgrid_server.errors import NotFound
+
+log = logging.getLogger(__name__)
+
+
+class EncoderCatalog:
+    """Maps encoder ids to directories under `root` and keeps loaded sessions, one per id."""
+
+    def __init__(self, root: Path, *, threads: int | None = None) -> None:
+        self._root = root
+        self._threads = threads
+        self._paths: dict[str, Path] = {}
+        self._loaded: dict[str, object] = {}
+        self._lock = threading.Lock()
+
+    def _scan(self) -> None:
+        if not self._root.is_dir():
+            return
+        known = set(self._paths.values())
+        for spec_file in sorted(self._root.glob("*/encoder.json")):
+            path = spec_file.parent
+            if path in known:
+                continue
+            try:
+                self._paths[encoder_id(path)] = path
+            except OSError as exc:  # a half-copied dir: skip it, the next scan retries
+                log.warning("skipping encoder dir %s: %s", path, exc)
+
+    def register(self, path: Path) -> str:
+        ident = encoder_id(path)
+        with self._lock:
+            self._paths[ident] = path
+        return ident
+
+    def path_for(self, ident: str) -> Path:
+        with self._lock:
+            if ident not in self._paths:
+                self._scan()
+            if ident not in self._paths:
+                raise NotFound(f"encoder {ident[:16]}… is not under {self._root}; export or copy it there",
+                               resource_type="encoder", resource_name=ident)
+            return self._paths[ident]
+
+    def get(self, ident: str):
+        """The loaded TextEncoder for `ident` (loaded once, then shared)."""
+        with self._lock:
+            cached = self._loaded.get(ident)
+        if cached is not None:
+            return cached
+        path = self.path_for(ident)
+        kwargs = {"threads": self._threads} if self._threads else {}
+        encoder = load_encoder(path, **kwargs)
+        with self._lock:
+            return self._loaded.setdefault(ident, encoder)

@@ -1,0 +1,327 @@
+"""`colgrid` command line: serve, demo, encoder export, index build, registry, search, encode.
+
+Heavy imports (torch, onnxruntime, zarr) happen inside the verbs that need them, so `colgrid
+search` and `--help` start fast.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+DEMO_INDEX = "stdlib"
+
+
+def _settings(args: argparse.Namespace):
+    from colgrid_server.config import Settings
+
+    return Settings.load({
+        "data_dir": getattr(args, "data_dir", None),
+        "registry_url": getattr(args, "registry", None),
+        "host": getattr(args, "host", None),
+        "port": getattr(args, "port", None),
+        "device": getattr(args, "device", None),
+    })
+
+
+def _registry(settings):
+    from colgrid_registry import open_registry
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return open_registry(settings.registry_location)
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+# --------------------------------------------------------------------------------- server verbs
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from colgrid_server.service.app import serve
+
+    settings = _settings(args)
+    _logging(settings.log_level)
+    serve(settings)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Build the stdlib-docstrings demo index if it has no READY version, then serve."""
+    from colgrid_server.builder import build_index
+    from colgrid_server.corpus import iter_docstring_documents
+    from colgrid_server.paths import DataDir
+    from colgrid_server.service.app import serve
+
+    settings = _settings(args)
+    _logging(settings.log_level)
+    with _registry(settings) as registry:
+        registry.ensure_index(DEMO_INDEX)
+        if not registry.get_rollout(DEMO_INDEX).stable:
+            print(f"building demo index {DEMO_INDEX!r} from Python standard library docstrings "
+                  f"(up to {args.docs} documents) into {settings.data_dir}", flush=True)
+            outcome = build_index(DataDir(settings.data_dir), registry, DEMO_INDEX,
+                                  iter_docstring_documents(limit=args.docs),
+                                  build_params={"corpus": "python-stdlib-docstrings"}, reason="demo")
+            print(f"built {DEMO_INDEX}/{outcome.version}: {outcome.summary.documents} documents, "
+                  f"{outcome.summary.tokens} tokens", flush=True)
+    print(f'try:  .venv/bin/colgrid search {DEMO_INDEX} "parse a JSON document" -k 5 --explain', flush=True)
+    serve(settings)
+    return 0
+
+
+# -------------------------------------------------------------------------------- encoder verbs
+
+def cmd_encoder_export(args: argparse.Namespace) -> int:
+    from colgrid_server.encoders import bundled_checkpoint, export_text_encoder
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    checkpoint = Path(args.checkpoint) if args.checkpoint else bundled_checkpoint()
+    report = export_text_encoder(checkpoint, Path(args.out), name=args.name,
+                                 query_max_length=args.query_max_length,
+                                 document_max_length=args.document_max_length,
+                                 query_marker=args.query_marker, document_marker=args.document_marker)
+    print(f"exported {checkpoint} -> {report.path}\n  encoder id: {report.encoder_id}\n"
+          f"  parity: min per-token cosine {report.min_token_cosine:.6f}, max abs diff {report.max_abs_diff:.2e}")
+    return 0
+
+
+def cmd_encoder_info(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from colgrid_server.encoders import encoder_id, load_spec
+
+    spec = load_spec(Path(args.path))
+    print(json.dumps({"id": encoder_id(Path(args.path)), **asdict(spec)}, indent=2, default=str))
+    return 0
+
+
+# ---------------------------------------------------------------------------------- index verbs
+
+def cmd_index_build(args: argparse.Namespace) -> int:
+    from colgrid_server.builder import build_index
+    from colgrid_server.documents import read_jsonl
+    from colgrid_server.paths import DataDir
+
+    settings = _settings(args)
+    started = time.perf_counter()
+    with _registry(settings) as registry:
+        outcome = build_index(DataDir(settings.data_dir), registry, args.name, read_jsonl(args.input),
+                              encoder_dir=Path(args.encoder) if args.encoder else None,
+                              activate=not args.no_activate, batch_size=args.batch_size,
+                              build_params={"input": str(args.input)})
+    s = outcome.summary
+    print(f"{outcome.index}/{outcome.version} READY: {s.documents} documents, {s.tokens} tokens, "
+          f"{s.centroids} centroids, built in {time.perf_counter() - started:.1f}s"
+          + (" — now serving (stable)" if outcome.activated else " — not activated"))
+    return 0
+
+
+def cmd_index_verify(args: argparse.Namespace) -> int:
+    from colgrid_server.index import verify_version
+
+    settings = _settings(args)
+    with _registry(settings) as registry:
+        versions = ([registry.get_version(args.name, args.version)] if args.version
+                    else registry.list_versions(args.name))
+    failures = 0
+    for v in versions:
+        if not v.storage_uri:
+            print(f"{v.index}/{v.version}: {v.state.value}, no files")
+            continue
+        try:
+            verify_version(Path(v.storage_uri))
+            print(f"{v.index}/{v.version}: ok ({v.storage_uri})")
+        except Exception as exc:  # noqa: BLE001 - report every version, then fail
+            failures += 1
+            print(f"{v.index}/{v.version}: FAILED: {exc}")
+    return 1 if failures else 0
+
+
+# ------------------------------------------------------------------------------- registry verbs
+
+def cmd_registry_list(args: argparse.Namespace) -> int:
+    from colgrid_registry import format_indexes
+
+    with _registry(_settings(args)) as registry:
+        indexes = registry.list_indexes()
+        print(format_indexes(indexes, {i.name: registry.get_rollout(i.name) for i in indexes}))
+    return 0
+
+
+def cmd_registry_show(args: argparse.Namespace) -> int:
+    from colgrid_registry import format_version, format_versions
+
+    with _registry(_settings(args)) as registry:
+        if args.version:
+            print(format_version(registry.get_version(args.name, args.version)))
+        else:
+            print(format_versions(registry.list_versions(args.name), registry.get_rollout(args.name)))
+    return 0
+
+
+# --------------------------------------------------------------------------------- client verbs
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from colgrid_client import Client
+
+    with Client(args.target, timeout=args.timeout) as client:
+        result = client.search(args.index, args.query, k=args.k, explain=args.explain,
+                               nprobe=args.nprobe, n_candidates=args.n_candidates)
+    if args.json:
+        print(json.dumps(_result_json(result), indent=2))
+        return 0
+    print(f"{result.index}@{result.version}  {len(result.hits)} hits  "
+          f"({result.stats.total_ms:.1f} ms, {result.stats.candidates} candidates scored)")
+    print(f"{'rank':>4}  {'score':>8}  doc")
+    for hit in result.hits:
+        title = hit.metadata.get("title") or ""
+        print(f"{hit.rank:>4}  {hit.score:8.3f}  {hit.doc_id}" + (f"  — {title}" if title and title != hit.doc_id else ""))
+        for m in hit.explanation:
+            print(f"{'':16}{m.query_token!r:>18} → {m.doc_token!r:<20} [{m.start}:{m.end}]"
+                  f"  sim {m.similarity:.3f}  {m.share * 100:5.1f}%")
+    return 0
+
+
+def _result_json(result) -> dict:
+    from dataclasses import asdict
+
+    return {"index": result.index, "version": result.version, "hits": [asdict(h) for h in result.hits]}
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    from colgrid_client import Client
+
+    with Client(args.target, timeout=args.timeout) as client:
+        matrix = client.encode_query(args.index, args.text)
+    print(f"{matrix.rows} × {matrix.dim} query multi-vector")
+    for i, token in enumerate(matrix.tokens):
+        row = matrix[i]
+        print(f"{i:>3} {token!r:<16} [{', '.join(f'{x:+.3f}' for x in row[:6])}, …]")
+    return 0
+
+
+# ------------------------------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="colgrid", description="Late-interaction (MaxSim) retrieval server.")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def data_opts(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--data-dir", help="data directory (default ./data or $COLGRID_DATA_DIR)")
+        p.add_argument("--registry", help="registry URL/path (default <data-dir>/registry.db)")
+
+    def client_opts(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--target", default=os.environ.get("COLGRID_TARGET", "localhost:50051"),
+                       help="server address (default localhost:50051)")
+        p.add_argument("--timeout", type=float, default=30.0, help="deadline in seconds")
+
+    p = verbs.add_parser("serve", help="run the gRPC server", description="Run the gRPC server.")
+    data_opts(p)
+    p.add_argument("--host", help="interface to bind (default localhost)")
+    p.add_argument("--port", type=int, help="port (default 50051; 0 picks a free one)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="MaxSim device (default auto)")
+    p.set_defaults(fn=cmd_serve)
+
+    p = verbs.add_parser("demo", help="build the stdlib demo index if absent, then serve",
+                         description="Build the Python-stdlib-docstrings demo index if absent, then serve.")
+    data_opts(p)
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--docs", type=int, default=5000, help="documents in the demo index (default 5000)")
+    p.set_defaults(fn=cmd_demo)
+
+    enc = verbs.add_parser("encoder", help="export and inspect encoders").add_subparsers(
+        dest="encoder_verb", required=True, metavar="VERB")
+    p = enc.add_parser("export", help="export a ColBERT-style HF checkpoint to an ONNX encoder dir",
+                       description="Export a ColBERT-style Hugging Face text checkpoint to ONNX, with a parity check.")
+    p.add_argument("checkpoint", nargs="?", help="local checkpoint dir (default: bundled all-MiniLM-L6-v2)")
+    p.add_argument("--out", required=True, help="encoder directory to create")
+    p.add_argument("--name", help="encoder name recorded in encoder.json")
+    p.add_argument("--query-max-length", type=int, default=32)
+    p.add_argument("--document-max-length", type=int, default=256)
+    p.add_argument("--query-marker", default="")
+    p.add_argument("--document-marker", default="")
+    p.set_defaults(fn=cmd_encoder_export)
+    p = enc.add_parser("info", help="print an encoder dir's spec and id", description="Print encoder.json and the id.")
+    p.add_argument("path")
+    p.set_defaults(fn=cmd_encoder_info)
+
+    idx = verbs.add_parser("index", help="build and verify index versions").add_subparsers(
+        dest="index_verb", required=True, metavar="VERB")
+    p = idx.add_parser("build", help="build a new version of an index from JSONL",
+                       description="Build a new immutable version of NAME from JSONL (id, text, metadata).")
+    p.add_argument("name")
+    p.add_argument("--input", required=True, help="JSONL file: one {id, text, metadata?} per line")
+    p.add_argument("--encoder", help="encoder dir (default: bundled all-MiniLM-L6-v2)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--no-activate", action="store_true", help="leave the new version READY but not serving")
+    data_opts(p)
+    p.set_defaults(fn=cmd_index_build)
+    p = idx.add_parser("verify", help="verify checksums of versions", description="Verify versions' manifests.")
+    p.add_argument("name")
+    p.add_argument("version", nargs="?")
+    data_opts(p)
+    p.set_defaults(fn=cmd_index_verify)
+
+    reg = verbs.add_parser("registry", help="list indexes and versions").add_subparsers(
+        dest="registry_verb", required=True, metavar="VERB")
+    p = reg.add_parser("list", help="list indexes", description="List indexes and their serving version.")
+    data_opts(p)
+    p.set_defaults(fn=cmd_registry_list)
+    p = reg.add_parser("show", help="show an index's versions", description="Show an index's versions, or one.")
+    p.add_argument("name")
+    p.add_argument("version", nargs="?")
+    data_opts(p)
+    p.set_defaults(fn=cmd_registry_show)
+
+    p = verbs.add_parser("search", help="search an index on a running server",
+                         description="Search an index on a running server and print a table.")
+    p.add_argument("index")
+    p.add_argument("query")
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--explain", action="store_true", help="show which document token each query token matched")
+    p.add_argument("--nprobe", type=int)
+    p.add_argument("--n-candidates", type=int)
+    p.add_argument("--json", action="store_true")
+    client_opts(p)
+    p.set_defaults(fn=cmd_search)
+
+    p = verbs.add_parser("encode", help="encode a query on a running server",
+                         description="Print the query multi-vector the server computes for TEXT.")
+    p.add_argument("index")
+    p.add_argument("text")
+    client_opts(p)
+    p.set_defaults(fn=cmd_encode)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one readable line instead of a traceback
+        from colgrid_server.errors import ColgridError
+
+        known = isinstance(exc, (ColgridError, OSError, LookupError, ValueError))
+        try:
+            from colgrid_client import ColgridError as ClientError
+
+            known = known or isinstance(exc, ClientError)
+        except ImportError:
+            pass
+        if not known or os.environ.get("COLGRID_DEBUG"):
+            raise
+        print(f"colgrid: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,78 @@
+"""Server settings, read once into a frozen object: defaults < COLGRID_* environment < flags."""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from colgrid_server.errors import InvalidArgument
+
+ENV_PREFIX = "COLGRID_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path = Path("data")
+    registry_url: str = ""            # empty: SQLite file <data_dir>/registry.db
+    host: str = "localhost"
+    port: int = 50051
+    # Request limits: anything larger is INVALID_ARGUMENT / RESOURCE_EXHAUSTED, never a crash.
+    max_query_chars: int = 4096
+    max_k: int = 1000
+    max_encode_texts: int = 256
+    max_message_bytes: int = 64 * 1024 * 1024
+    # Work runs on a thread pool so the event loop keeps serving while torch/ORT compute.
+    worker_threads: int = 4
+    encoder_threads: int = 0          # 0: onnxruntime's default
+    device: str = "auto"              # auto | cpu | cuda
+    registry_poll_seconds: float = 2.0
+    grace_seconds: float = 5.0
+    log_level: str = "INFO"
+
+    @property
+    def registry_location(self) -> str:
+        return self.registry_url or str(self.data_dir / "registry.db")
+
+    @property
+    def target(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @classmethod
+    def load(cls, overrides: Mapping[str, Any] | None = None,
+             environ: Mapping[str, str] | None = None) -> "Settings":
+        """Build settings from the environment, then apply non-None overrides (CLI flags)."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is not None and raw != "":
+                values[f.name] = _coerce(f.name, raw, type(getattr(cls(), f.name)))
+        for key, value in (overrides or {}).items():
+            if value is not None:
+                values[key] = _coerce(key, value, type(getattr(cls(), key)))
+        settings = replace(cls(), **values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise InvalidArgument(f"port {self.port} is out of range 0..65535", field="port")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise InvalidArgument(f"device must be auto, cpu or cuda, not {self.device!r}", field="device")
+        if self.worker_threads < 1:
+            raise InvalidArgument("worker_threads must be at least 1", field="worker_threads")
+
+
+def _coerce(name: str, value: Any, kind: type) -> Any:
+    if isinstance(value, kind):
+        return value
+    try:
+        if kind is bool:
+            return str(value).strip().lower() in ("1", "true", "yes", "on")
+        if kind is Path:
+            return Path(value)
+        return kind(value)
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgument(f"setting {name}: cannot read {value!r} as {kind.__name__}", field=name) from exc

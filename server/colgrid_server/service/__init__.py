@@ -1,0 +1,1 @@
+"""gRPC edge: the only layer that speaks protobuf and grpc."""

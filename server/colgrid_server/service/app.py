@@ -1,0 +1,141 @@
+"""Assemble and run the gRPC server: services, health, reflection, version watcher, shutdown."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import logging
+import signal
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from colgrid_client._pb import colgrid_pb2 as pb
+from colgrid_client._pb import colgrid_pb2_grpc as pb_grpc
+from colgrid_registry import open_registry
+from colgrid_server.catalog import EncoderCatalog
+from colgrid_server.config import Settings
+from colgrid_server.errors import FailedPrecondition
+from colgrid_server.paths import DataDir
+from colgrid_server.serving import ServingState
+from colgrid_server.service.encode_rpc import EncodeService
+from colgrid_server.service.registry_rpc import RegistryService
+from colgrid_server.service.search_rpc import SearchService
+
+log = logging.getLogger(__name__)
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+SERVICE_NAMES = tuple(pb.DESCRIPTOR.services_by_name[name].full_name
+                      for name in ("SearchService", "EncodeService", "RegistryService"))
+
+
+class RequestIdInterceptor(grpc.aio.ServerInterceptor):
+    """Puts the caller's `x-request-id` (or a fresh one) in a contextvar for logs."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        request_id.set(str(metadata.get("x-request-id") or uuid.uuid4().hex[:16]))
+        return await continuation(handler_call_details)
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    state: ServingState
+    health: HealthServicer
+    executor: ThreadPoolExecutor
+    settings: Settings
+    _watcher: asyncio.Task | None = field(default=None, repr=False)
+
+    async def refresh(self) -> bool:
+        """Apply registry changes now (the watcher also does this every poll interval)."""
+        complete = await asyncio.get_running_loop().run_in_executor(self.executor, self.state.refresh)
+        await self._publish_health()
+        return complete
+
+    async def _publish_health(self) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING
+        await self.health.set("", status)
+        for name in SERVICE_NAMES:
+            await self.health.set(name, status)
+        for index in self.state.snapshot():
+            await self.health.set(f"colgrid.index.{index}", status)
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.registry_poll_seconds)
+            try:
+                await self.refresh()
+            except Exception:  # noqa: BLE001 - the watcher must outlive a bad poll
+                log.exception("registry refresh failed; will retry")
+
+    async def stop(self, grace: float | None = None) -> None:
+        await self.health.enter_graceful_shutdown()
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        await self.server.stop(self.settings.grace_seconds if grace is None else grace)
+        self.executor.shutdown(wait=True, cancel_futures=True)
+        self.state.registry.close()
+
+
+async def start_server(settings: Settings) -> RunningServer:
+    """Start serving on settings.host:settings.port (port 0 picks a free one). Health reports
+    NOT_SERVING until the registry's stable versions have been loaded."""
+    data = DataDir(settings.data_dir)
+    data.root.mkdir(parents=True, exist_ok=True)
+    registry = open_registry(settings.registry_location)
+    catalog = EncoderCatalog(data.encoders, threads=settings.encoder_threads or None)
+    device = None if settings.device == "auto" else settings.device
+    state = ServingState(registry, catalog, device=device)
+    executor = ThreadPoolExecutor(settings.worker_threads, thread_name_prefix="colgrid-work")
+    options = [("grpc.max_receive_message_length", settings.max_message_bytes),
+               ("grpc.max_send_message_length", settings.max_message_bytes)]
+    server = grpc.aio.server(interceptors=[RequestIdInterceptor()], options=options)
+    pb_grpc.add_SearchServiceServicer_to_server(SearchService(state, settings, executor), server)
+    pb_grpc.add_EncodeServiceServicer_to_server(EncodeService(state, settings, executor), server)
+    pb_grpc.add_RegistryServiceServicer_to_server(RegistryService(state, executor), server)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    for name in ("", *SERVICE_NAMES):
+        await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server)
+    port = server.add_insecure_port(settings.target)
+    if port == 0 and settings.port != 0:
+        raise FailedPrecondition(f"cannot listen on {settings.target}: is another server using the port?")
+    await server.start()
+    running = RunningServer(server=server, port=port, state=state, health=health, executor=executor,
+                            settings=settings)
+    if not await running.refresh():
+        log.warning("some indexes could not be loaded; serving the rest")
+    running._watcher = asyncio.create_task(running._watch())
+    log.info("colgrid serving on %s:%d (indexes: %s)", settings.host, port,
+             ", ".join(f"{k}@{v.version}" for k, v in state.snapshot().items()) or "none")
+    return running
+
+
+def serve(settings: Settings) -> None:
+    """Run until SIGINT/SIGTERM, then drain in-flight requests for settings.grace_seconds."""
+
+    async def main() -> None:
+        running = await start_server(settings)
+        print(f"colgrid serving on {settings.host}:{running.port} "
+              f"(indexes: {', '.join(f'{k}@{v.version}' for k, v in running.state.snapshot().items()) or 'none'})",
+              flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        print("shutting down: draining in-flight requests", flush=True)
+        await running.stop()
+
+    asyncio.run(main())

@@ -1,0 +1,112 @@
+"""Protobuf <-> domain conversion for the server. The only server module importing *_pb2."""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+from google.protobuf import struct_pb2
+from google.protobuf.json_format import ParseDict
+
+from colgrid_client._pb import colgrid_pb2 as pb
+from colgrid_registry import IndexRecord, Rollout, VersionRecord, VersionState
+from colgrid_server.encoders.types import EncodedText
+from colgrid_server.errors import InvalidArgument
+from colgrid_server.search import Hit, SearchResult
+
+_STATE = {
+    VersionState.BUILDING: pb.BUILDING,
+    VersionState.READY: pb.READY,
+    VersionState.FAILED: pb.FAILED,
+    VersionState.RETIRED: pb.RETIRED,
+}
+
+
+def to_struct(value: Mapping[str, Any] | None) -> struct_pb2.Struct:
+    out = struct_pb2.Struct()
+    if value:
+        # Round-trip through JSON so numpy scalars, tuples etc. become plain JSON values.
+        ParseDict(json.loads(json.dumps(value, default=str)), out)
+    return out
+
+
+def matrix_from_pb(mv: pb.MultiVector, *, field: str, expected_dim: int) -> np.ndarray:
+    """A validated float32 (rows, dim) array from a MultiVector."""
+    if mv.rows == 0 or mv.dim == 0:
+        raise InvalidArgument(f"{field} is empty: rows and dim must be positive", field=field)
+    if mv.dim != expected_dim:
+        raise InvalidArgument(f"{field} has dim {mv.dim}; this index's encoder produces dim {expected_dim}",
+                              field=f"{field}.dim")
+    if len(mv.data) != mv.rows * mv.dim * 4:
+        raise InvalidArgument(f"{field}.data has {len(mv.data)} bytes; rows*dim*4 = {mv.rows * mv.dim * 4}",
+                              field=f"{field}.data")
+    arr = np.frombuffer(mv.data, dtype="<f4").reshape(mv.rows, mv.dim).astype(np.float32)
+    if not np.isfinite(arr).all():
+        raise InvalidArgument(f"{field} contains NaN or infinite values", field=f"{field}.data")
+    return arr
+
+
+def multivector(encoded: EncodedText) -> pb.MultiVector:
+    vectors = np.ascontiguousarray(encoded.vectors, dtype="<f4")
+    return pb.MultiVector(rows=vectors.shape[0], dim=vectors.shape[1], data=vectors.tobytes(),
+                          tokens=list(encoded.tokens),
+                          span_starts=[int(s) for s in encoded.spans[:, 0]],
+                          span_ends=[int(e) for e in encoded.spans[:, 1]])
+
+
+def _float(x: float) -> float:
+    return float(x) if math.isfinite(x) else 0.0
+
+
+def hit(h: Hit) -> pb.Hit:
+    return pb.Hit(
+        doc_id=h.doc_id, score=_float(h.score), rank=h.rank, metadata=to_struct(h.metadata),
+        explanation=[
+            pb.TokenMatch(query_index=m.query_index, query_token=m.query_token,
+                          doc_token_index=m.doc_token_index, doc_token=m.doc_token, start=m.start,
+                          end=m.end, similarity=_float(m.similarity), share=_float(m.share))
+            for m in h.explanation
+        ],
+    )
+
+
+def search_response(*, request_id: str, index: str, version: str, encoder_id: str,
+                    result: SearchResult, encode_ms: float, total_ms: float) -> pb.SearchResponse:
+    s = result.stats
+    return pb.SearchResponse(
+        request_id=request_id, index=index, version=version, encoder_id=encoder_id,
+        hits=[hit(h) for h in result.hits],
+        stats=pb.SearchStats(encode_ms=encode_ms, candidates_ms=s.candidates_ms, maxsim_ms=s.maxsim_ms,
+                             total_ms=total_ms, candidates=s.candidates, query_tokens=s.query_tokens),
+    )
+
+
+def encode_response(encoded: Sequence[EncodedText], *, encoder_id: str, version: str = "") -> pb.EncodeResponse:
+    return pb.EncodeResponse(encoder_id=encoder_id, version=version, vectors=[multivector(e) for e in encoded])
+
+
+def _ts(value: datetime | None) -> str:
+    return value.isoformat() if value else ""
+
+
+def rollout(r: Rollout) -> pb.Rollout:
+    return pb.Rollout(index=r.index, stable=r.stable or "", canary=r.canary or "",
+                      canary_percent=r.canary_percent or 0, shadow=r.shadow or "",
+                      shadow_percent=r.shadow_percent or 0, previous_stable=r.previous_stable or "",
+                      generation=r.generation, updated_at=_ts(r.updated_at))
+
+
+def version(v: VersionRecord) -> pb.Version:
+    return pb.Version(index=v.index, version=v.version, state=_STATE[v.state], encoder_id=v.encoder_id or "",
+                      encoder_kind=v.encoder_kind or "", dim=v.dim or 0, documents=v.documents or 0,
+                      tokens=v.tokens or 0, storage_uri=v.storage_uri or "",
+                      build_params=to_struct(v.build_params), manifest_sha256=v.manifest_sha256 or "",
+                      created_at=_ts(v.created_at), updated_at=_ts(v.updated_at), error=v.error or "")
+
+
+def index_info(record: IndexRecord, r: Rollout, *, versions: int, loaded: bool) -> pb.IndexInfo:
+    return pb.IndexInfo(name=record.name, created_at=_ts(record.created_at), rollout=rollout(r),
+                        versions=versions, loaded=loaded)
