@@ -1,1 +1,59 @@
-"""colgrid client SDK (grpcio + protobuf only)."""
+"""colgrid client SDK: search, encode and registry calls against a colgrid server.
+
+Light by design: importing it loads grpcio and protobuf only (never numpy, torch, onnxruntime).
+
+    from colgrid_client import Client
+
+    with Client("localhost:50051") as client:
+        for hit in client.search("docs", "what is late interaction?", k=5, explain=True):
+            print(hit.rank, hit.doc_id, hit.score)
+"""
+from colgrid_client._async import AsyncClient
+from colgrid_client._errors import (
+    AbortedError, ColgridError, DeadlineExceededError, FailedPreconditionError, FieldViolation,
+    InternalError, InvalidArgumentError, NotFoundError, PermissionDeniedError,
+    ResourceExhaustedError, ResourceInfo, UnauthenticatedError, UnavailableError,
+)
+from colgrid_client._sync import Client
+from colgrid_client._types import (
+    Hit, IndexInfo, Matrix, Rollout, SearchResult, SearchStats, TokenMatch, Version, VersionState,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    # clients
+    "Client",
+    "AsyncClient",
+    # values
+    "SearchResult",
+    "Hit",
+    "TokenMatch",
+    "SearchStats",
+    "Matrix",
+    "IndexInfo",
+    "Rollout",
+    "Version",
+    "VersionState",
+    # errors
+    "ColgridError",
+    "InvalidArgumentError",
+    "NotFoundError",
+    "FailedPreconditionError",
+    "ResourceExhaustedError",
+    "UnavailableError",
+    "DeadlineExceededError",
+    "AbortedError",
+    "PermissionDeniedError",
+    "UnauthenticatedError",
+    "InternalError",
+    "FieldViolation",
+    "ResourceInfo",
+]
+
+# Public names report the public module, as httpx does, so reprs and docs never show _private.
+for _name in __all__:
+    if not _name.startswith("__"):
+        setattr(globals()[_name], "__module__", "colgrid_client")
+del _name

@@ -1,0 +1,133 @@
+"""The asyncio client: the same surface as `Client`, awaited, over grpc.aio."""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+
+from colgrid_client import _base as base
+from colgrid_client._errors import from_rpc_error
+from colgrid_client._types import IndexInfo, Matrix, SearchResult, Version
+
+T = TypeVar("T")
+
+
+class AsyncClient:
+    """An asyncio colgrid client over one grpc.aio channel; create it inside the running loop.
+
+    Same options and semantics as `Client`: `timeout` bounds each whole call (retries
+    included), UNAVAILABLE is retried with jittered exponential backoff on unary calls only.
+    """
+
+    def __init__(self, target: str = base.DEFAULT_TARGET, *, timeout: float | None = 30.0,
+                 retries: int = 3, backoff: float = 0.1,
+                 credentials: grpc.ChannelCredentials | None = None,
+                 options: Sequence[tuple[str, Any]] | None = None) -> None:
+        self._retry = base.RetryPolicy(retries=retries, backoff=backoff)
+        self._timeout = timeout
+        merged = base.channel_options(options)
+        self._channel = (grpc.aio.secure_channel(target, credentials, options=merged)
+                         if credentials else grpc.aio.insecure_channel(target, options=merged))
+        self._stubs = base.Stubs.on(self._channel)
+        self.target = target
+
+    # --- search --------------------------------------------------------------------------------
+
+    async def search(self, index: str, query: str = "", k: int = 10, *, explain: bool = False,
+                     nprobe: int = 0, n_candidates: int = 0, routing_key: str = "",
+                     query_vectors: Any = None, exhaustive: bool = False,
+                     timeout: float | None = None) -> SearchResult:
+        """See `Client.search`."""
+        return await self._unary(base.search(index, query, k, explain, nprobe, n_candidates,
+                                             routing_key, query_vectors, exhaustive), timeout)
+
+    def search_stream(self, index: str,
+                      queries: Iterable[str | Mapping[str, Any]]
+                      | AsyncIterable[str | Mapping[str, Any]], *,
+                      k: int = 10, explain: bool = False, nprobe: int = 0, n_candidates: int = 0,
+                      routing_key: str = "", exhaustive: bool = False,
+                      timeout: float | None = None) -> AsyncIterator[SearchResult]:
+        """See `Client.search_stream`; `async for` over the results. `queries` may be async."""
+        stream = base.SearchStream(index, dict(k=k, explain=explain, nprobe=nprobe,
+                                               n_candidates=n_candidates, routing_key=routing_key,
+                                               exhaustive=exhaustive))
+        return self._stream(stream, queries, timeout)
+
+    async def _stream(self, stream: base.SearchStream, queries: Any,
+                      timeout: float | None) -> AsyncIterator[SearchResult]:
+        call = self._stubs.search.SearchStream(stream.arequests(queries),
+                                               timeout=self._deadline(timeout).remaining(),
+                                               metadata=stream.metadata)
+        try:
+            async for response in call:
+                yield stream.accept(response)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, request_id=stream.in_flight_id) from exc
+        finally:
+            call.cancel()  # no-op once finished; stops the server's work if the caller stops early
+        stream.finish()
+
+    # --- encode --------------------------------------------------------------------------------
+
+    async def encode_query(self, index: str | None, text: str, *, encoder_id: str | None = None,
+                           timeout: float | None = None) -> Matrix:
+        return await self._unary(base.encode_query(index, text, encoder_id), timeout)
+
+    async def encode_documents(self, index: str | None, texts: Iterable[str], *,
+                               encoder_id: str | None = None,
+                               timeout: float | None = None) -> list[Matrix]:
+        return await self._unary(base.encode_documents(index, texts, encoder_id), timeout)
+
+    # --- registry ------------------------------------------------------------------------------
+
+    async def list_indexes(self, *, timeout: float | None = None) -> list[IndexInfo]:
+        return await self._unary(base.list_indexes(), timeout)
+
+    async def get_index(self, name: str, *, timeout: float | None = None) -> IndexInfo:
+        return await self._unary(base.get_index(name), timeout)
+
+    async def list_versions(self, index: str, *, timeout: float | None = None) -> list[Version]:
+        return await self._unary(base.list_versions(index), timeout)
+
+    async def get_version(self, index: str, version: str, *,
+                          timeout: float | None = None) -> Version:
+        return await self._unary(base.get_version(index, version), timeout)
+
+    # --- plumbing ------------------------------------------------------------------------------
+
+    def _deadline(self, timeout: float | None) -> base.Deadline:
+        return base.Deadline.after(self._timeout if timeout is None else timeout)
+
+    async def _unary(self, call: base.Call[T], timeout: float | None) -> T:
+        deadline = self._deadline(timeout)
+        method = call.bind(self._stubs)
+        attempt = 0
+        while True:
+            try:
+                response = await method(call.request, timeout=deadline.remaining(),
+                                        metadata=call.metadata)
+            except grpc.RpcError as exc:
+                error = from_rpc_error(exc, request_id=call.request_id)
+                delay = self._retry.delay(error, attempt, deadline)
+                if delay is None:
+                    raise error from exc
+            else:
+                return call.convert(response)
+            await asyncio.sleep(delay)
+            attempt += 1
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"AsyncClient({self.target!r})"

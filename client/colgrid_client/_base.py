@@ -1,0 +1,251 @@
+"""What Client and AsyncClient share: the calls they make, retry policy, deadlines, streams.
+
+Each public method on either client is one line: build a `Call` here, hand it to that client's
+own unary loop (blocking or awaiting). Only the loop and the sleep differ between the two.
+"""
+from __future__ import annotations
+
+import itertools
+import random
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import grpc
+
+from colgrid_client import _convert as convert
+from colgrid_client._errors import REQUEST_ID_KEY, ColgridError, InternalError
+from colgrid_client._pb import colgrid_pb2_grpc as pb_grpc
+from colgrid_client._types import IndexInfo, Matrix, SearchResult, Version
+
+T = TypeVar("T")
+DEFAULT_TARGET = "localhost:50051"
+# Document batches come back as float32 multi-vectors: allow more than grpc's 4 MiB default.
+DEFAULT_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+)
+MAX_BACKOFF_S = 5.0
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def channel_options(options: Iterable[tuple[str, Any]] | None) -> list[tuple[str, Any]]:
+    """Our defaults, overridden key by key by the caller's options."""
+    merged = dict(DEFAULT_OPTIONS)
+    merged.update(options or ())
+    return list(merged.items())
+
+
+@dataclass(frozen=True)
+class Stubs:
+    search: pb_grpc.SearchServiceStub
+    encode: pb_grpc.EncodeServiceStub
+    registry: pb_grpc.RegistryServiceStub
+
+    @classmethod
+    def on(cls, channel: grpc.Channel | grpc.aio.Channel) -> Stubs:
+        return cls(pb_grpc.SearchServiceStub(channel), pb_grpc.EncodeServiceStub(channel),
+                   pb_grpc.RegistryServiceStub(channel))
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """An absolute deadline for a whole call, retries and backoff included (None: no limit)."""
+
+    at: float | None
+
+    @classmethod
+    def after(cls, timeout: float | None) -> Deadline:
+        return cls(None if timeout is None else time.monotonic() + timeout)
+
+    def remaining(self) -> float | None:
+        return None if self.at is None else max(0.0, self.at - time.monotonic())
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retry UNAVAILABLE only (the request never reached a serving replica, so retrying is safe).
+
+    Delays grow as backoff * 2**attempt, capped, with "equal jitter" (half fixed, half random)
+    so that clients knocked over together do not come back together.
+    """
+
+    retries: int = 3
+    backoff: float = 0.1
+    max_backoff: float = MAX_BACKOFF_S
+
+    def __post_init__(self) -> None:
+        if self.retries < 0 or self.backoff < 0:
+            raise ValueError(f"retries and backoff must be >= 0, got {self.retries}, {self.backoff}")
+
+    def delay(self, error: ColgridError, attempt: int, deadline: Deadline) -> float | None:
+        """Seconds to wait before retry number `attempt + 1`, or None to raise `error` now."""
+        if error.code != grpc.StatusCode.UNAVAILABLE or attempt >= self.retries:
+            return None
+        ceiling = min(self.max_backoff, self.backoff * 2**attempt)
+        wait = ceiling / 2 + random.uniform(0, ceiling / 2)
+        if error.retry_delay is not None:
+            wait = max(wait, error.retry_delay)  # the server asked for at least this long
+        remaining = deadline.remaining()
+        if remaining is not None and remaining <= wait:
+            return None  # no time left for another attempt: the UNAVAILABLE is the answer
+        return wait
+
+
+@dataclass(frozen=True)
+class Call(Generic[T]):
+    """One unary RPC, ready to send: which stub method, the request, how to read the answer."""
+
+    service: str
+    method: str
+    request: Any
+    convert: Callable[[Any], T]
+    request_id: str = field(default_factory=new_request_id)
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return ((REQUEST_ID_KEY, self.request_id),)
+
+    def bind(self, stubs: Stubs) -> Callable[..., Any]:
+        return getattr(getattr(stubs, self.service), self.method)
+
+
+# --- The calls, one builder per public method --------------------------------------------------
+
+def search(index: str, query: str, k: int, explain: bool, nprobe: int, n_candidates: int,
+           routing_key: str, query_vectors: Any, exhaustive: bool) -> Call[SearchResult]:
+    request_id = new_request_id()
+    request = convert.search_request(index, query, k=k, explain=explain, nprobe=nprobe,
+                                     n_candidates=n_candidates, routing_key=routing_key,
+                                     query_vectors=query_vectors, exhaustive=exhaustive,
+                                     request_id=request_id)
+    return Call("search", "Search", request,
+                lambda r: convert.from_search_response(r, request_id), request_id)
+
+
+def encode_query(index: str | None, text: str, encoder_id: str | None) -> Call[Matrix]:
+    return Call("encode", "EncodeQuery", convert.encode_query_request(index, text, encoder_id),
+                _only_vector)
+
+
+def _only_vector(response: Any) -> Matrix:
+    vectors = convert.from_encode_response(response)
+    if len(vectors) != 1:
+        raise InternalError(f"server answered one query with {len(vectors)} multi-vectors")
+    return vectors[0]
+
+
+def encode_documents(index: str | None, texts: Iterable[str], encoder_id: str | None
+                     ) -> Call[list[Matrix]]:
+    texts = texts if isinstance(texts, str) else list(texts)
+    request = convert.encode_documents_request(index, texts, encoder_id)
+    expected = len(texts)
+
+    def read(response: Any) -> list[Matrix]:
+        vectors = convert.from_encode_response(response)
+        if len(vectors) != expected:
+            raise InternalError(f"server answered {expected} texts with {len(vectors)} "
+                                f"multi-vectors")
+        return vectors
+
+    return Call("encode", "EncodeDocuments", request, read)
+
+
+def list_indexes() -> Call[list[IndexInfo]]:
+    return Call("registry", "ListIndexes", convert.list_indexes_request(),
+                convert.from_list_indexes_response)
+
+
+def get_index(name: str) -> Call[IndexInfo]:
+    return Call("registry", "GetIndex", convert.get_index_request(name), convert.from_index_info)
+
+
+def list_versions(index: str) -> Call[list[Version]]:
+    return Call("registry", "ListVersions", convert.list_versions_request(index),
+                convert.from_list_versions_response)
+
+
+def get_version(index: str, version: str) -> Call[Version]:
+    return Call("registry", "GetVersion", convert.get_version_request(index, version),
+                convert.from_version)
+
+
+# --- Streams -----------------------------------------------------------------------------------
+
+class SearchStream:
+    """Bookkeeping for one SearchStream call: request ids, answer order, deferred input errors.
+
+    Requests are built lazily as the caller's iterable is consumed (it may be endless). An input
+    that cannot become a request ends the request side cleanly; the answers already owed are
+    delivered first, then `finish()` raises the input's error. Answers must echo request ids in
+    request order (the server's contract); anything else is an InternalError.
+    """
+
+    def __init__(self, index: str, defaults: Mapping[str, Any]) -> None:
+        convert.search_request(index, **defaults)  # fail fast on bad knobs, before any I/O
+        self.index = index
+        self.defaults = dict(defaults)
+        self.stream_id = new_request_id()
+        self._numbers = itertools.count()
+        self._pending: deque[str] = deque()  # sent, not yet answered (appended by grpc's thread)
+        self._input_error: BaseException | None = None
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return ((REQUEST_ID_KEY, self.stream_id),)
+
+    @property
+    def in_flight_id(self) -> str:
+        """The request an error now belongs to: the oldest unanswered one."""
+        pending = tuple(self._pending)
+        return pending[0] if pending else self.stream_id
+
+    def _build(self, query: Any) -> Any:
+        number = next(self._numbers)
+        given = query.get("request_id") if isinstance(query, Mapping) else None
+        request_id = given or f"{self.stream_id}-{number}"
+        request = convert.stream_search_request(self.index, query, self.defaults, request_id)
+        self._pending.append(request_id)
+        return request
+
+    def requests(self, queries: Iterable[Any]) -> Iterator[Any]:
+        try:
+            for query in queries:
+                yield self._build(query)
+        except Exception as exc:  # noqa: BLE001 - re-raised to the caller by finish()
+            self._input_error = exc
+
+    async def arequests(self, queries: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[Any]:
+        try:
+            if isinstance(queries, AsyncIterable):
+                async for query in queries:
+                    yield self._build(query)
+            else:
+                for query in queries:
+                    yield self._build(query)
+        except Exception as exc:  # noqa: BLE001 - re-raised to the caller by finish()
+            self._input_error = exc
+
+    def accept(self, response: Any) -> SearchResult:
+        if not self._pending:
+            raise InternalError("server sent more stream answers than queries",
+                                request_id=self.stream_id)
+        expected = self._pending.popleft()
+        result = convert.from_search_response(response, expected)
+        if result.request_id != expected:
+            raise InternalError(f"stream answer for request {result.request_id!r} arrived where "
+                                f"{expected!r} was next", request_id=expected)
+        return result
+
+    def finish(self) -> None:
+        if self._input_error is not None:
+            raise self._input_error
+        if self._pending:
+            raise InternalError(f"stream ended with {len(self._pending)} queries unanswered",
+                                request_id=self.in_flight_id)

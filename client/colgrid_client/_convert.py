@@ -1,0 +1,279 @@
+"""The one boundary between colgrid.v1 protobuf messages and the SDK's dataclasses.
+
+Request builders are named after the message (`search_request`); converters from the wire are
+`from_<message>`. No other module reads or builds a colgrid_pb2 message.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from array import array
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from google.protobuf import struct_pb2
+
+from colgrid_client._errors import FieldViolation, InternalError, InvalidArgumentError
+from colgrid_client._pb import colgrid_pb2 as pb
+from colgrid_client._types import (
+    Hit, IndexInfo, Matrix, Rollout, SearchResult, SearchStats, TokenMatch, Version, VersionState,
+)
+
+_LITTLE_ENDIAN = sys.byteorder == "little"
+_UINT32_MAX = 2**32 - 1
+# Search knobs a stream query given as a dict may set (the index is fixed for the stream).
+STREAM_QUERY_KEYS = frozenset({"query", "query_vectors", "k", "explain", "nprobe", "n_candidates",
+                               "routing_key", "exhaustive", "request_id"})
+
+
+def invalid(field: str, message: str) -> InvalidArgumentError:
+    """A client-side validation error shaped like the server's (with a field violation)."""
+    return InvalidArgumentError(message, field_violations=(FieldViolation(field, message),))
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-vectors
+# ---------------------------------------------------------------------------------------------
+
+def to_multi_vector(value: Any) -> pb.MultiVector:
+    """A MultiVector from a Matrix, a list of equal-length rows, or anything with `.tolist()`.
+
+    A C-contiguous 2-D float32 buffer (a numpy array) is copied as bytes without numpy.
+    """
+    buffer = None if isinstance(value, Matrix) else _float32_buffer(value)
+    if buffer is not None:
+        message = pb.MultiVector(rows=buffer.shape[0], dim=buffer.shape[1], data=buffer.tobytes())
+    else:
+        try:
+            matrix = Matrix.from_rows(value)
+        except (TypeError, ValueError) as exc:
+            raise invalid("query_vectors", f"query_vectors must be a 2-D matrix of floats: {exc}"
+                          ) from exc
+        values = matrix.data
+        if not _LITTLE_ENDIAN:
+            values = array("f", values)
+            values.byteswap()
+        message = pb.MultiVector(rows=matrix.rows, dim=matrix.dim, data=values.tobytes(),
+                                 tokens=matrix.tokens)
+        if matrix.spans:
+            message.span_starts.extend(-1 if s is None else s[0] for s in matrix.spans)
+            message.span_ends.extend(-1 if s is None else s[1] for s in matrix.spans)
+    if message.rows == 0 or message.dim == 0:
+        raise invalid("query_vectors", f"query_vectors must have at least one row and one "
+                                       f"column, got shape ({message.rows}, {message.dim})")
+    return message
+
+
+def _float32_buffer(value: Any) -> memoryview | None:
+    try:
+        view = memoryview(value)
+    except TypeError:
+        return None
+    if view.format != "f" or view.ndim != 2 or not view.c_contiguous or not _LITTLE_ENDIAN:
+        return None
+    return view
+
+
+def from_multi_vector(message: pb.MultiVector) -> Matrix:
+    rows, dim = message.rows, message.dim
+    if len(message.data) != rows * dim * 4:
+        raise InternalError(f"server sent a ({rows} x {dim}) multi-vector with "
+                            f"{len(message.data)} bytes; expected {rows * dim * 4}")
+    data = array("f")
+    data.frombytes(message.data)
+    if not _LITTLE_ENDIAN:
+        data.byteswap()
+    if len(message.span_starts) != len(message.span_ends):
+        raise InternalError(f"server sent {len(message.span_starts)} span starts but "
+                            f"{len(message.span_ends)} span ends")
+    spans = tuple(None if start < 0 else (start, end)
+                  for start, end in zip(message.span_starts, message.span_ends))
+    try:
+        return Matrix(rows, dim, data, tuple(message.tokens), spans)
+    except ValueError as exc:
+        raise InternalError(f"server sent an inconsistent multi-vector: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests
+# ---------------------------------------------------------------------------------------------
+
+def search_request(index: str, query: str = "", *, k: int = 10, explain: bool = False,
+                   nprobe: int = 0, n_candidates: int = 0, routing_key: str = "",
+                   query_vectors: Any = None, exhaustive: bool = False,
+                   request_id: str = "") -> pb.SearchRequest:
+    request = pb.SearchRequest(
+        index=_text("index", index), query=_text("query", query), k=_uint("k", k),
+        nprobe=_uint("nprobe", nprobe), n_candidates=_uint("n_candidates", n_candidates),
+        explain=bool(explain), request_id=_text("request_id", request_id),
+        routing_key=_text("routing_key", routing_key), exhaustive=bool(exhaustive))
+    if query_vectors is not None:
+        request.query_vectors.CopyFrom(to_multi_vector(query_vectors))
+    return request
+
+
+def stream_search_request(index: str, query: str | Mapping[str, Any], defaults: Mapping[str, Any],
+                          request_id: str) -> pb.SearchRequest:
+    """One stream request: a query string, or a dict overriding the stream's search knobs."""
+    if isinstance(query, str):
+        return search_request(index, query, **{**defaults, "request_id": request_id})
+    if not isinstance(query, Mapping):
+        raise invalid("queries", f"each stream query must be a str or a dict, "
+                                 f"got {type(query).__name__}")
+    unknown = set(query) - STREAM_QUERY_KEYS
+    if unknown:
+        raise invalid("queries", f"unknown stream query keys {sorted(unknown)}; "
+                                 f"allowed: {sorted(STREAM_QUERY_KEYS)}")
+    return search_request(index, **{**defaults, **query, "request_id": request_id})
+
+
+def encode_query_request(index: str | None, text: str, encoder_id: str | None
+                         ) -> pb.EncodeQueryRequest:
+    request = pb.EncodeQueryRequest(text=_text("text", text))
+    _set_target(request, index, encoder_id)
+    return request
+
+
+def encode_documents_request(index: str | None, texts: Iterable[str], encoder_id: str | None
+                             ) -> pb.EncodeDocumentsRequest:
+    if isinstance(texts, str):
+        raise invalid("texts", "texts must be a list of strings, not one string")
+    request = pb.EncodeDocumentsRequest(texts=[_text("texts", t) for t in texts])
+    _set_target(request, index, encoder_id)
+    return request
+
+
+def _set_target(request: pb.EncodeQueryRequest | pb.EncodeDocumentsRequest,
+                index: str | None, encoder_id: str | None) -> None:
+    if index and encoder_id:
+        raise invalid("encoder_id", "give an index or an encoder_id, not both")
+    if encoder_id:
+        request.encoder_id = _text("encoder_id", encoder_id)
+    elif index:
+        request.index = _text("index", index)
+    else:
+        raise invalid("index", "an index (or an encoder_id) is required")
+
+
+def list_indexes_request() -> pb.ListIndexesRequest:
+    return pb.ListIndexesRequest()
+
+
+def get_index_request(index: str) -> pb.GetIndexRequest:
+    return pb.GetIndexRequest(index=_text("index", index))
+
+
+def list_versions_request(index: str) -> pb.ListVersionsRequest:
+    return pb.ListVersionsRequest(index=_text("index", index))
+
+
+def get_version_request(index: str, version: str) -> pb.GetVersionRequest:
+    return pb.GetVersionRequest(index=_text("index", index), version=_text("version", version))
+
+
+def _uint(field: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _UINT32_MAX:
+        raise invalid(field, f"{field} must be a non-negative integer (0 = server default), "
+                             f"got {value!r}")
+    return value
+
+
+def _text(field: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise invalid(field, f"{field} must be a str, got {type(value).__name__}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Responses
+# ---------------------------------------------------------------------------------------------
+
+def from_token_match(message: pb.TokenMatch) -> TokenMatch:
+    return TokenMatch(query_index=message.query_index, query_token=message.query_token,
+                      doc_token_index=message.doc_token_index, doc_token=message.doc_token,
+                      start=message.start, end=message.end, similarity=message.similarity,
+                      share=message.share)
+
+
+def from_hit(message: pb.Hit, version: str = "") -> Hit:
+    return Hit(doc_id=message.doc_id, score=message.score, rank=message.rank,
+               metadata=from_struct(message.metadata), version=version,
+               explanation=tuple(from_token_match(m) for m in message.explanation))
+
+
+def from_search_stats(message: pb.SearchStats) -> SearchStats:
+    return SearchStats(encode_ms=message.encode_ms, candidates_ms=message.candidates_ms,
+                       maxsim_ms=message.maxsim_ms, total_ms=message.total_ms,
+                       candidates=message.candidates, query_tokens=message.query_tokens)
+
+
+def from_search_response(message: pb.SearchResponse, request_id: str = "") -> SearchResult:
+    """`request_id` stands in when the server did not echo one."""
+    return SearchResult(index=message.index, version=message.version,
+                        encoder_id=message.encoder_id,
+                        hits=tuple(from_hit(h, message.version) for h in message.hits),
+                        stats=from_search_stats(message.stats),
+                        request_id=message.request_id or request_id)
+
+
+def from_encode_response(message: pb.EncodeResponse) -> list[Matrix]:
+    return [from_multi_vector(v) for v in message.vectors]
+
+
+def from_rollout(message: pb.Rollout) -> Rollout:
+    return Rollout(index=message.index, stable=message.stable or None,
+                   canary=message.canary or None, canary_percent=message.canary_percent,
+                   shadow=message.shadow or None, shadow_percent=message.shadow_percent,
+                   previous_stable=message.previous_stable or None,
+                   generation=message.generation, updated_at=message.updated_at)
+
+
+def from_index_info(message: pb.IndexInfo) -> IndexInfo:
+    return IndexInfo(name=message.name, created_at=message.created_at,
+                     rollout=from_rollout(message.rollout) if message.HasField("rollout") else None,
+                     versions=message.versions, loaded=message.loaded)
+
+
+def from_list_indexes_response(message: pb.ListIndexesResponse) -> list[IndexInfo]:
+    return [from_index_info(i) for i in message.indexes]
+
+
+def from_version(message: pb.Version) -> Version:
+    return Version(index=message.index, version=message.version,
+                   state=from_version_state(message.state), encoder_id=message.encoder_id,
+                   encoder_kind=message.encoder_kind, dim=message.dim,
+                   documents=message.documents, tokens=message.tokens,
+                   storage_uri=message.storage_uri, build_params=from_struct(message.build_params),
+                   manifest_sha256=message.manifest_sha256, created_at=message.created_at,
+                   updated_at=message.updated_at, error=message.error)
+
+
+def from_list_versions_response(message: pb.ListVersionsResponse) -> list[Version]:
+    return [from_version(v) for v in message.versions]
+
+
+def from_version_state(value: int) -> VersionState:
+    if value == pb.VERSION_STATE_UNSPECIFIED or value not in pb.VersionState.values():
+        return VersionState.UNSPECIFIED  # includes states added by a newer server
+    return VersionState(pb.VersionState.Name(value))
+
+
+def from_struct(message: struct_pb2.Struct) -> dict[str, Any]:
+    return {key: _from_value(value) for key, value in message.fields.items()}
+
+
+def _from_value(value: struct_pb2.Value) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "struct_value":
+        return from_struct(value.struct_value)
+    if kind == "list_value":
+        return [_from_value(v) for v in value.list_value.values]
+    if kind == "number_value":
+        number = value.number_value
+        # Struct has only doubles; metadata such as `page: 3` was an integer in the JSON.
+        if math.isfinite(number) and number.is_integer() and abs(number) <= 2**53:
+            return int(number)
+        return number
+    if kind in ("string_value", "bool_value"):
+        return getattr(value, kind)
+    return None

@@ -1,0 +1,143 @@
+"""The blocking client."""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+
+from colgrid_client import _base as base
+from colgrid_client._errors import from_rpc_error
+from colgrid_client._types import IndexInfo, Matrix, SearchResult, Version
+
+T = TypeVar("T")
+
+
+class Client:
+    """A blocking colgrid client over one gRPC channel. Thread-safe; use one per process.
+
+    `timeout` is the default deadline in seconds for each call (None: no deadline); it bounds
+    the whole call, retries included, and for `search_stream` the whole stream. Calls failing
+    with UNAVAILABLE are retried up to `retries` times with exponential backoff (`backoff`
+    seconds, doubled each time, jittered); no other failure is retried, and streams are not.
+    `credentials` (grpc.ChannelCredentials) makes a TLS channel; `options` are grpc channel
+    options, added to ours (64 MiB message limits).
+    """
+
+    def __init__(self, target: str = base.DEFAULT_TARGET, *, timeout: float | None = 30.0,
+                 retries: int = 3, backoff: float = 0.1,
+                 credentials: grpc.ChannelCredentials | None = None,
+                 options: Sequence[tuple[str, Any]] | None = None) -> None:
+        self._retry = base.RetryPolicy(retries=retries, backoff=backoff)
+        self._timeout = timeout
+        merged = base.channel_options(options)
+        self._channel = (grpc.secure_channel(target, credentials, options=merged) if credentials
+                         else grpc.insecure_channel(target, options=merged))
+        self._stubs = base.Stubs.on(self._channel)
+        self.target = target
+
+    # --- search --------------------------------------------------------------------------------
+
+    def search(self, index: str, query: str = "", k: int = 10, *, explain: bool = False,
+               nprobe: int = 0, n_candidates: int = 0, routing_key: str = "",
+               query_vectors: Any = None, exhaustive: bool = False,
+               timeout: float | None = None) -> SearchResult:
+        """Top-k documents of `index` (an alias) for `query` text, or for `query_vectors`
+        (a Matrix, list of rows, or numpy/torch matrix) computed elsewhere. 0 = server default."""
+        return self._unary(base.search(index, query, k, explain, nprobe, n_candidates,
+                                       routing_key, query_vectors, exhaustive), timeout)
+
+    def search_stream(self, index: str, queries: Iterable[str | Mapping[str, Any]], *,
+                      k: int = 10, explain: bool = False, nprobe: int = 0, n_candidates: int = 0,
+                      routing_key: str = "", exhaustive: bool = False,
+                      timeout: float | None = None) -> Iterator[SearchResult]:
+        """Many queries over one bidirectional stream; results come back in query order.
+
+        A query is a string, or a dict overriding the keyword knobs for that query (keys:
+        query, query_vectors, k, explain, nprobe, n_candidates, routing_key, exhaustive,
+        request_id). The server resolves the alias once, so every result has the same version.
+        Each result's `request_id` is the one given, else "<stream id>-<position>".
+        """
+        stream = base.SearchStream(index, dict(k=k, explain=explain, nprobe=nprobe,
+                                               n_candidates=n_candidates, routing_key=routing_key,
+                                               exhaustive=exhaustive))
+        return self._stream(stream, queries, timeout)
+
+    def _stream(self, stream: base.SearchStream, queries: Iterable[Any],
+                timeout: float | None) -> Iterator[SearchResult]:
+        call = self._stubs.search.SearchStream(stream.requests(queries),
+                                               timeout=self._deadline(timeout).remaining(),
+                                               metadata=stream.metadata)
+        try:
+            for response in call:
+                yield stream.accept(response)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, request_id=stream.in_flight_id) from exc
+        finally:
+            call.cancel()  # no-op once finished; stops the server's work if the caller stops early
+        stream.finish()
+
+    # --- encode --------------------------------------------------------------------------------
+
+    def encode_query(self, index: str | None, text: str, *, encoder_id: str | None = None,
+                     timeout: float | None = None) -> Matrix:
+        """The query multi-vector of `text` with the encoder serving `index` (or `encoder_id`)."""
+        return self._unary(base.encode_query(index, text, encoder_id), timeout)
+
+    def encode_documents(self, index: str | None, texts: Iterable[str], *,
+                         encoder_id: str | None = None,
+                         timeout: float | None = None) -> list[Matrix]:
+        """One document multi-vector per text, in order."""
+        return self._unary(base.encode_documents(index, texts, encoder_id), timeout)
+
+    # --- registry ------------------------------------------------------------------------------
+
+    def list_indexes(self, *, timeout: float | None = None) -> list[IndexInfo]:
+        return self._unary(base.list_indexes(), timeout)
+
+    def get_index(self, name: str, *, timeout: float | None = None) -> IndexInfo:
+        return self._unary(base.get_index(name), timeout)
+
+    def list_versions(self, index: str, *, timeout: float | None = None) -> list[Version]:
+        return self._unary(base.list_versions(index), timeout)
+
+    def get_version(self, index: str, version: str, *, timeout: float | None = None) -> Version:
+        return self._unary(base.get_version(index, version), timeout)
+
+    # --- plumbing ------------------------------------------------------------------------------
+
+    def _deadline(self, timeout: float | None) -> base.Deadline:
+        return base.Deadline.after(self._timeout if timeout is None else timeout)
+
+    def _unary(self, call: base.Call[T], timeout: float | None) -> T:
+        deadline = self._deadline(timeout)
+        method = call.bind(self._stubs)
+        attempt = 0
+        while True:
+            try:
+                response = method(call.request, timeout=deadline.remaining(),
+                                  metadata=call.metadata)
+            except grpc.RpcError as exc:
+                error = from_rpc_error(exc, request_id=call.request_id)
+                delay = self._retry.delay(error, attempt, deadline)
+                if delay is None:
+                    raise error from exc
+            else:
+                return call.convert(response)
+            time.sleep(delay)
+            attempt += 1
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Client({self.target!r})"

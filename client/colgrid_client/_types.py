@@ -1,0 +1,206 @@
+"""The SDK's values: frozen dataclasses with no protobuf in sight (`_convert` builds them).
+
+Everything here is pure standard library so that `import colgrid_client` stays light; the one
+numpy touch point, `Matrix.to_numpy`, imports numpy only when called.
+"""
+from __future__ import annotations
+
+import enum
+from array import array
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, overload
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import numpy
+
+Span = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Matrix:
+    """A (rows x dim) float32 matrix: one multi-vector, one row per token.
+
+    `data` is row-major float32 in native byte order. `tokens` holds one display string per row
+    and `spans` one character span `(start, end)` per row (None where a row has none); both are
+    empty for vectors computed elsewhere.
+    """
+
+    rows: int
+    dim: int
+    data: array = field(repr=False, hash=False)
+    tokens: tuple[str, ...] = ()
+    spans: tuple[Span | None, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.data.typecode != "f":
+            raise TypeError(f"Matrix data must be array('f'), got array({self.data.typecode!r})")
+        if self.rows < 0 or self.dim < 0:
+            raise ValueError(f"Matrix shape must be non-negative, got ({self.rows}, {self.dim})")
+        if len(self.data) != self.rows * self.dim:
+            raise ValueError(f"Matrix of shape ({self.rows}, {self.dim}) needs "
+                             f"{self.rows * self.dim} values, got {len(self.data)}")
+        for name, values in (("tokens", self.tokens), ("spans", self.spans)):
+            if values and len(values) != self.rows:
+                raise ValueError(f"Matrix has {self.rows} rows but {len(values)} {name}")
+
+    @classmethod
+    def from_rows(cls, rows: Any, *, tokens: tuple[str, ...] = (),
+                  spans: tuple[Span | None, ...] = ()) -> Matrix:
+        """Build from a list of equal-length rows, or anything with `.tolist()` (numpy, torch)."""
+        if isinstance(rows, Matrix):
+            return rows
+        if hasattr(rows, "tolist"):
+            rows = rows.tolist()
+        rows = [list(row) for row in rows]
+        dim = len(rows[0]) if rows else 0
+        for i, row in enumerate(rows):
+            if len(row) != dim:
+                raise ValueError(f"all rows must have the same length: row 0 has {dim} values, "
+                                 f"row {i} has {len(row)}")
+        data = array("f", (float(v) for row in rows for v in row))
+        return cls(len(rows), dim, data, tuple(tokens), tuple(spans))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.rows, self.dim)
+
+    def __len__(self) -> int:
+        return self.rows
+
+    @overload
+    def __getitem__(self, index: int) -> list[float]: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[list[float]]: ...
+
+    def __getitem__(self, index: int | slice) -> list[float] | list[list[float]]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self.rows))]
+        if index < 0:
+            index += self.rows
+        if not 0 <= index < self.rows:
+            raise IndexError(f"row {index} out of range for a matrix of {self.rows} rows")
+        return self.data[index * self.dim:(index + 1) * self.dim].tolist()
+
+    def __iter__(self) -> Iterator[list[float]]:
+        return (self[i] for i in range(self.rows))
+
+    def tolist(self) -> list[list[float]]:
+        return [self[i] for i in range(self.rows)]
+
+    def to_numpy(self) -> numpy.ndarray:
+        """A writable (rows, dim) float32 numpy copy. numpy is optional: imported only here."""
+        try:
+            import numpy as np
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise ImportError("Matrix.to_numpy() needs numpy: pip install numpy") from exc
+        return np.array(memoryview(self.data), dtype=np.float32).reshape(self.rows, self.dim)
+
+
+@dataclass(frozen=True)
+class TokenMatch:
+    """How one query token matched inside one hit: its best document token and the score share."""
+
+    query_index: int
+    query_token: str
+    doc_token_index: int
+    doc_token: str
+    start: int          # character span of the document token, [start, end); -1 if none
+    end: int
+    similarity: float   # <q, d>: this query token's contribution to the hit's score
+    share: float        # similarity / score
+
+    @property
+    def contribution(self) -> float:
+        return self.similarity
+
+
+@dataclass(frozen=True)
+class Hit:
+    doc_id: str
+    score: float
+    rank: int                                   # 1-based
+    metadata: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    version: str = ""                           # the index version that scored this hit
+    explanation: tuple[TokenMatch, ...] = ()    # empty unless explain=True
+
+
+@dataclass(frozen=True)
+class SearchStats:
+    encode_ms: float = 0.0
+    candidates_ms: float = 0.0
+    maxsim_ms: float = 0.0
+    total_ms: float = 0.0
+    candidates: int = 0        # documents scored exactly
+    query_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """One answer. Every hit comes from `version`: a request never mixes index versions."""
+
+    index: str
+    version: str
+    encoder_id: str
+    hits: tuple[Hit, ...]
+    stats: SearchStats
+    request_id: str
+
+    def __iter__(self) -> Iterator[Hit]:
+        return iter(self.hits)
+
+    def __len__(self) -> int:
+        return len(self.hits)
+
+    def __getitem__(self, index: int) -> Hit:
+        return self.hits[index]
+
+
+class VersionState(enum.StrEnum):
+    UNSPECIFIED = "UNSPECIFIED"
+    BUILDING = "BUILDING"
+    READY = "READY"
+    FAILED = "FAILED"
+    RETIRED = "RETIRED"
+
+
+@dataclass(frozen=True)
+class Version:
+    index: str
+    version: str
+    state: VersionState
+    encoder_id: str = ""
+    encoder_kind: str = ""
+    dim: int = 0
+    documents: int = 0
+    tokens: int = 0
+    storage_uri: str = ""
+    build_params: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    manifest_sha256: str = ""
+    created_at: str = ""       # RFC 3339, UTC
+    updated_at: str = ""
+    error: str = ""            # why it FAILED
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """Which versions an index alias serves. Pointers are None when unset."""
+
+    index: str
+    stable: str | None = None
+    canary: str | None = None
+    canary_percent: int = 0
+    shadow: str | None = None
+    shadow_percent: int = 0
+    previous_stable: str | None = None
+    generation: int = 0
+    updated_at: str = ""
+
+
+@dataclass(frozen=True)
+class IndexInfo:
+    name: str
+    created_at: str = ""
+    rollout: Rollout | None = None
+    versions: int = 0
+    loaded: bool = False       # the answering server holds the stable version in memory
