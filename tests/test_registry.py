@@ -162,6 +162,21 @@ def test_mark_ready_records_counts_checksum_and_published_uri(registry: Registry
     assert record.updated_at >= record.created_at
 
 
+def test_storage_uri_may_wait_until_mark_ready(registry: Registry) -> None:
+    version = registry.allocate_version("docs", storage_uri="", build_params={}, **ENCODER)
+    assert version.storage_uri is None
+    record = registry.mark_ready("docs", version.version, documents=1, tokens=1, manifest_sha256=SHA,
+                                 storage_uri="/data/docs/v1")
+    assert record.storage_uri == "/data/docs/v1"
+
+
+def test_mark_ready_without_any_storage_uri_is_refused(registry: Registry) -> None:
+    version = registry.allocate_version("docs", storage_uri=None, build_params={}, **ENCODER).version
+    with pytest.raises(InvalidValue, match="storage_uri"):
+        registry.mark_ready("docs", version, documents=1, tokens=1, manifest_sha256=SHA)
+    assert registry.get_version("docs", version).state is VersionState.BUILDING
+
+
 def test_mark_failed_keeps_the_error(registry: Registry) -> None:
     version = allocate(registry)
     record = registry.mark_failed("docs", version, "out of disk")

@@ -1,7 +1,8 @@
 """Domain values the registry hands out: frozen snapshots of rows, never live objects.
 
-Convention for absent values: `None` (an empty rollout pointer, a version's counts before it is
-READY, `error` unless FAILED), never "". Timestamps are timezone-aware UTC datetimes.
+Convention for absent values: `None` (an empty rollout pointer, a version's counts and checksum
+before it is READY, its storage_uri until someone knows it, `error` unless FAILED), never "".
+Timestamps are timezone-aware UTC datetimes.
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ class VersionRecord:
     dim: int
     documents: int | None
     tokens: int | None
-    storage_uri: str
+    storage_uri: str | None  # always set once READY
     build_params: Mapping[str, Any]  # a fresh dict per read, JSON-serialisable
     manifest_sha256: str | None
     created_at: datetime

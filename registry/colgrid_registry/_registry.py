@@ -87,9 +87,11 @@ class Registry:
     # -- versions --------------------------------------------------------------------------------
 
     def allocate_version(self, index: str, *, encoder_id: str, encoder_kind: str, dim: int,
-                         storage_uri: str, build_params: Mapping[str, Any]) -> VersionRecord:
+                         storage_uri: str | None, build_params: Mapping[str, Any]) -> VersionRecord:
         """A new BUILDING version named v<N+1>, N the highest v<number> of the index so far.
-        The write lock is held from reading N to inserting, so concurrent callers never collide."""
+        The write lock is held from reading N to inserting, so concurrent callers never collide.
+        `storage_uri` may be None or "" when the location depends on the name: give it to
+        mark_ready then."""
         check_name(index, kind="index")
         values = _new_version_values(encoder_id, encoder_kind, dim, storage_uri, build_params)
         with self._db.transaction(write=True) as conn:
@@ -99,7 +101,7 @@ class Registry:
             return _insert_version(conn, index, f"v{max(numbers, default=0) + 1}", values)
 
     def create_version(self, index: str, version: str, *, encoder_id: str, encoder_kind: str,
-                       dim: int, storage_uri: str, build_params: Mapping[str, Any]) -> VersionRecord:
+                       dim: int, storage_uri: str | None, build_params: Mapping[str, Any]) -> VersionRecord:
         """A new BUILDING version with an explicit name (AlreadyExists if the index has it)."""
         check_name(index, kind="index")
         check_name(version, kind="version")
@@ -114,7 +116,7 @@ class Registry:
     def mark_ready(self, index: str, version: str, *, documents: int, tokens: int,
                    manifest_sha256: str, storage_uri: str | None = None) -> VersionRecord:
         """BUILDING -> READY once the version is published; `storage_uri` replaces the one given
-        at allocation (a build writes to a temporary place, then publishes)."""
+        at allocation and is required if none was given then."""
         changes: dict[str, Any] = {
             "documents": _count(documents, "documents"),
             "tokens": _count(tokens, "tokens"),
@@ -161,7 +163,8 @@ class Registry:
         check_name(index, kind="index")
         check_name(version, kind="version")
         with self._db.transaction(write=True) as conn:
-            current = VersionState(_require_version(conn, index, version)["state"])
+            row = _require_version(conn, index, version)
+            current = VersionState(row["state"])
             if target not in TRANSITIONS[current]:
                 allowed = ", ".join(sorted(s.value for s in TRANSITIONS[current])) or "none, it is final"
                 raise InvalidTransition(f"version {version!r} of index {index!r} is {current}; it cannot "
@@ -173,6 +176,9 @@ class Registry:
                     raise InvalidTransition(f"version {version!r} is the {' and '.join(serving)} version of "
                                             f"index {index!r}; point the rollout elsewhere before retiring it",
                                             index=index, version=version)
+            if target is VersionState.READY and row["storage_uri"] is None and "storage_uri" not in changes:
+                raise InvalidValue(f"version {version!r} of index {index!r} has no storage_uri yet; "
+                                   f"pass storage_uri= to mark_ready", field="storage_uri")
             columns = {"state": target.value, "updated_at": _stamp(_now()), **changes}
             assignments = ", ".join(f"{column} = ?" for column in columns)
             conn.execute(f"UPDATE versions SET {assignments} WHERE index_name = ? AND name = ?",
@@ -193,6 +199,8 @@ class Registry:
         read. Setting the current stable again changes nothing (no new generation, no audit)."""
         check_name(index, kind="index")
         check_name(version, kind="version")
+        if expected_generation is not None:
+            _count(expected_generation, "expected_generation")
         with self._db.transaction(write=True) as conn:
             before = _rollout(_require_rollout(conn, index))
             if expected_generation is not None and expected_generation != before.generation:
@@ -355,7 +363,7 @@ def _sha256(value: object) -> str:
     return value
 
 
-def _new_version_values(encoder_id: str, encoder_kind: str, dim: int, storage_uri: str,
+def _new_version_values(encoder_id: str, encoder_kind: str, dim: int, storage_uri: str | None,
                         build_params: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(build_params, Mapping):
         raise InvalidValue(f"build_params must be a mapping, got {type(build_params).__name__}",
@@ -365,5 +373,6 @@ def _new_version_values(encoder_id: str, encoder_kind: str, dim: int, storage_ur
     except (TypeError, ValueError) as exc:
         raise InvalidValue(f"build_params must be JSON-serialisable: {exc}", field="build_params") from exc
     return {"encoder_id": _text(encoder_id, "encoder_id"), "encoder_kind": _text(encoder_kind, "encoder_kind"),
-            "dim": _count(dim, "dim", minimum=1), "storage_uri": _text(storage_uri, "storage_uri"),
+            "dim": _count(dim, "dim", minimum=1),
+            "storage_uri": _text(storage_uri, "storage_uri") if storage_uri else None,
             "build_params": params}

@@ -41,7 +41,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     dim INTEGER NOT NULL,
     documents BIGINT,
     tokens BIGINT,
-    storage_uri TEXT NOT NULL,
+    storage_uri TEXT,
     build_params TEXT NOT NULL,
     manifest_sha256 TEXT,
     created_at TEXT NOT NULL,

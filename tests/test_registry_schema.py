@@ -1,0 +1,122 @@
+"""Opening the registry: locations, SQLite settings and schema migrations."""
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from colgrid_registry import (
+    SCHEMA_VERSION, IncompatibleSchema, InvalidValue, RegistryError, open_registry)
+from colgrid_registry._schema import MIGRATIONS, migrate
+
+
+def applied(path: Path) -> list[int]:
+    with sqlite3.connect(path) as conn:
+        return [row[0] for row in conn.execute("SELECT version FROM schema_migrations ORDER BY version")]
+
+
+def test_opening_a_new_path_creates_the_file_and_its_parent(tmp_path: Path) -> None:
+    path = tmp_path / "nested" / "registry.db"
+    open_registry(path).close()
+    assert path.is_file()
+    assert applied(path) == [m.version for m in MIGRATIONS]
+
+
+def test_opening_an_empty_file_migrates_it(tmp_path: Path) -> None:
+    path = tmp_path / "registry.db"
+    path.touch()
+    with open_registry(path) as reg:
+        reg.create_index("docs")
+    assert applied(path) == list(range(1, SCHEMA_VERSION + 1))
+
+
+def test_reopening_applies_no_migration_twice(tmp_path: Path) -> None:
+    path = tmp_path / "registry.db"
+    open_registry(path).close()
+    open_registry(path).close()
+    assert applied(path) == list(range(1, SCHEMA_VERSION + 1))
+
+
+def test_opening_an_older_database_upgrades_it_and_keeps_its_data(tmp_path: Path) -> None:
+    path = tmp_path / "registry.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("BEGIN")
+    migrate(conn, MIGRATIONS[:1])
+    conn.execute("INSERT INTO indexes (name, created_at) VALUES ('docs', '2024-01-02T03:04:05.000000+00:00')")
+    conn.execute("COMMIT")
+    conn.close()
+    with open_registry(path) as reg:
+        assert [i.name for i in reg.list_indexes()] == ["docs"]
+        assert reg.get_rollout("docs").generation == 0  # the upgrade gave the old index its rollout
+    assert applied(path) == list(range(1, SCHEMA_VERSION + 1))
+
+
+def test_a_database_from_a_newer_colgrid_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "registry.db"
+    open_registry(path).close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("INSERT INTO schema_migrations (version, applied_at) VALUES (999, 'later')")
+    with pytest.raises(IncompatibleSchema, match="999.*newer.*upgrade colgrid"):
+        open_registry(path)
+
+
+def test_a_failing_migration_leaves_the_database_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "registry.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("CREATE TABLE rollouts (x TEXT)")  # makes migration 2 fail half-way
+    with pytest.raises(sqlite3.OperationalError):
+        conn.execute("BEGIN")
+        try:
+            migrate(conn)
+        finally:
+            conn.execute("ROLLBACK")
+    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    conn.close()
+    assert tables == {"rollouts"}
+
+
+def test_sqlite_url_with_absolute_path_is_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "via-url.db"
+    with open_registry(f"sqlite://{path}") as reg:
+        reg.create_index("docs")
+        assert reg.path == path
+    with open_registry(str(path)) as reg:
+        assert [i.name for i in reg.list_indexes()] == ["docs"]
+
+
+@pytest.mark.parametrize("url", ["postgresql://db/colgrid", "mysql://x/y", "s3://bucket/registry.db"])
+def test_unknown_url_scheme_is_a_value_error_listing_supported_ones(url: str) -> None:
+    with pytest.raises(ValueError, match="unsupported registry URL scheme.*sqlite:///"):
+        open_registry(url)
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite://relative.db", ""])
+def test_sqlite_url_without_an_absolute_path_is_refused(url: str) -> None:
+    with pytest.raises(InvalidValue):
+        open_registry(url)
+
+
+def test_database_runs_in_wal_mode_with_foreign_keys(tmp_path: Path) -> None:
+    path = tmp_path / "registry.db"
+    with open_registry(path) as reg:
+        reg.create_index("docs")
+        with reg._db.transaction(write=False) as conn:
+            assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+            assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+
+
+def test_rollout_pointer_cannot_name_a_missing_version_even_in_raw_sql(tmp_path: Path) -> None:
+    with open_registry(tmp_path / "registry.db") as reg:
+        reg.create_index("docs")
+        with pytest.raises(sqlite3.IntegrityError):
+            with reg._db.transaction(write=True) as conn:
+                conn.execute("UPDATE rollouts SET stable = 'ghost' WHERE index_name = 'docs'")
+        assert reg.get_rollout("docs").stable is None
+
+
+def test_a_file_that_is_not_a_database_raises_a_registry_error(tmp_path: Path) -> None:
+    path = tmp_path / "registry.db"
+    path.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(RegistryError, match="cannot open registry"):
+        open_registry(path)
