@@ -27,7 +27,8 @@ _TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (err.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (err.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (err.EncoderError, grpc.StatusCode.INVALID_ARGUMENT),
-    (reg.InvalidName, grpc.StatusCode.INVALID_ARGUMENT),
+    (reg.InvalidValue, grpc.StatusCode.INVALID_ARGUMENT),  # includes InvalidName
+    (reg.IncompatibleSchema, grpc.StatusCode.FAILED_PRECONDITION),
     (reg.IndexNotFound, grpc.StatusCode.NOT_FOUND),
     (reg.VersionNotFound, grpc.StatusCode.NOT_FOUND),
     (reg.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
