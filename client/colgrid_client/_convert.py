@@ -102,9 +102,12 @@ def search_request(index: str, query: str = "", *, k: int = 10, explain: bool = 
                    nprobe: int = 0, n_candidates: int = 0, routing_key: str = "",
                    query_vectors: Any = None, exhaustive: bool = False,
                    request_id: str = "") -> pb.SearchRequest:
+    # The knobs are proto3 `optional`: 0 here means "server default", so leave them unset.
+    knobs = {name: value for name, value in (("k", _uint("k", k)), ("nprobe", _uint("nprobe", nprobe)),
+                                             ("n_candidates", _uint("n_candidates", n_candidates)))
+             if value}
     request = pb.SearchRequest(
-        index=_text("index", index), query=_text("query", query), k=_uint("k", k),
-        nprobe=_uint("nprobe", nprobe), n_candidates=_uint("n_candidates", n_candidates),
+        index=_text("index", index), query=_text("query", query), **knobs,
         explain=bool(explain), request_id=_text("request_id", request_id),
         routing_key=_text("routing_key", routing_key), exhaustive=bool(exhaustive))
     if query_vectors is not None:
