@@ -1,0 +1,65 @@
+"""On-disk vocabulary of an index version: names, format version and the small value types."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from colgrid_server.errors import InvalidArgument
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+# Arrays of a version group (see DESIGN.md "Index versions").
+TOKENS = "tokens"  # [N_tok, dim] float16, chunked on axis 0
+DOC_OFFSETS = "doc_offsets"  # [N_doc + 1] int64, CSR over tokens
+DOC_IDS = "doc_ids"  # [N_doc] strings
+TOKEN_SPANS = "token_spans"  # [N_tok, 2] int32, character span [start, end) or (-1, -1)
+TEXTS = "texts"  # [N_doc] strings, the document text the spans point into
+METADATA = "metadata"  # [N_doc] JSON object strings
+CENTROIDS = "centroids"  # [C, dim] float32, unit norm
+TOKEN_CODES = "token_codes"  # [N_tok] int32, nearest centroid per token
+IVF_OFFSETS = "ivf_offsets"  # [C + 1] int64, CSR over ivf_docs
+IVF_DOCS = "ivf_docs"  # [n_postings] int32, unique document indices per centroid, ascending
+CENTROID_HNSW = "centroid_hnsw"  # [n_bytes] uint8, hnswlib graph over centroids (inner product)
+
+ARRAY_NAMES = (
+    TOKENS, DOC_OFFSETS, DOC_IDS, TOKEN_SPANS, TEXTS, METADATA,
+    CENTROIDS, TOKEN_CODES, IVF_OFFSETS, IVF_DOCS, CENTROID_HNSW,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class EncoderRef:
+    """Which encoder produced a version's vectors: queries must be encoded by the same one."""
+
+    id: str
+    kind: str
+    dim: int
+
+    def __post_init__(self) -> None:
+        if not self.id or not self.kind:
+            raise InvalidArgument("encoder id and kind must be non-empty", field="encoder")
+        if not isinstance(self.dim, int) or self.dim <= 0:
+            raise InvalidArgument(f"encoder dim must be a positive integer, got {self.dim!r}", field="encoder")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "kind": self.kind, "dim": self.dim}
+
+    @classmethod
+    def from_dict(cls, value: Mapping[str, Any]) -> EncoderRef:
+        return cls(id=str(value["id"]), kind=str(value["kind"]), dim=int(value["dim"]))
+
+
+@dataclass(frozen=True)
+class VersionSummary:
+    """What `VersionWriter.finalize` published."""
+
+    path: Path
+    documents: int
+    tokens: int
+    centroids: int
+    dim: int
+    manifest_sha256: str
+    build_seconds: float

@@ -1,0 +1,252 @@
+"""Opening a published version: check the manifest, then load every array into memory in the
+layout the search kernels use."""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import hnswlib
+import numpy as np
+import torch
+import zarr
+
+from colgrid_server.errors import CorruptVersion, FailedPrecondition, NotFound
+from colgrid_server.index import _format as F
+from colgrid_server.index._centroids import load_graph
+from colgrid_server.index._format import EncoderRef
+from colgrid_server.index._manifest import list_files, read_manifest, verify_files
+
+HNSW_EF = 128  # search breadth over the centroid graph; hnswlib uses max(ef, k) per query
+
+
+def version_exists(path: Path) -> bool:
+    """True once a version is complete (published with its manifest); says nothing of integrity."""
+    return (Path(path) / F.MANIFEST_NAME).is_file()
+
+
+def verify_version(path: Path) -> str:
+    """Check every file against the manifest; return the manifest's sha256 or raise CorruptVersion."""
+    root = _existing_dir(Path(path))
+    files, manifest_sha = read_manifest(root)
+    verify_files(root, files, hashes=True)
+    return manifest_sha
+
+
+def open_version(path: Path, *, verify: bool = True, device: str | None = None) -> LoadedVersion:
+    """Load a published version. verify=True checks every file's sha256 against the manifest
+    (verify=False still requires the manifest and checks the file list and sizes)."""
+    root = _existing_dir(Path(path))
+    files, manifest_sha = read_manifest(root)
+    verify_files(root, files, hashes=verify)
+    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        group = zarr.open_group(str(root), mode="r", zarr_format=3)
+        arrays = {name: _array(root, group, name) for name in F.ARRAY_NAMES}
+    except CorruptVersion:
+        raise
+    except Exception as exc:  # zarr raises a variety of errors for unreadable metadata
+        raise _corrupt(root, f"cannot be read as a Zarr v3 group ({exc})") from exc
+    _check_chunks_present(root, arrays, set(files))
+    attrs = dict(group.attrs)
+    encoder = _encoder(root, attrs)
+    loader = _Loader(root, arrays, encoder.dim)
+    return loader.load(attrs, encoder, target, manifest_sha)
+
+
+class LoadedVersion:
+    """One version held in memory, read-only. Safe to share between threads; `close()` drops the
+    arrays once no search uses them any more (the caller drains in-flight requests first)."""
+
+    def __init__(self, **fields: Any) -> None:
+        self.path: Path = fields["path"]
+        self.name: str = self.path.name
+        self.encoder: EncoderRef = fields["encoder"]
+        self.attrs: Mapping[str, Any] = fields["attrs"]
+        self.device: torch.device = fields["device"]
+        self.manifest_sha256: str = fields["manifest_sha256"]
+        self.documents: int = fields["documents"]
+        self.tokens_count: int = fields["tokens_count"]
+        self.tokens: torch.Tensor = fields["tokens"]  # (N_tok, dim) float16 on device: the stored values
+        self.doc_offsets: np.ndarray = fields["doc_offsets"]  # int64 (N_doc + 1)
+        self.doc_ids: list[str] = fields["doc_ids"]
+        self.texts: list[str] = fields["texts"]
+        self.spans: np.ndarray = fields["spans"]  # int32 (N_tok, 2)
+        self.centroids: np.ndarray = fields["centroids"]  # float32 (C, dim)
+        self.token_codes: np.ndarray = fields["token_codes"]  # int32 (N_tok,)
+        self.ivf_offsets: np.ndarray = fields["ivf_offsets"]  # int64 (C + 1)
+        self.ivf_docs: np.ndarray = fields["ivf_docs"]  # int32, unique docs per centroid
+        self.graph: hnswlib.Index = fields["graph"]
+        self.max_token_norm: float = fields["max_token_norm"]
+        self._metadata_json: list[str] = fields["metadata_json"]
+        self._closed = False
+
+    @property
+    def centroid_count(self) -> int:
+        return int(self.centroids.shape[0])
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def nbytes(self) -> int:
+        """Approximate memory held by the arrays (tokens dominate)."""
+        arrays = (self.doc_offsets, self.spans, self.centroids, self.token_codes, self.ivf_offsets, self.ivf_docs)
+        texts = sum(len(t) for t in self.texts) if not self._closed else 0
+        return self.tokens.element_size() * self.tokens.nelement() + sum(a.nbytes for a in arrays) + texts
+
+    def metadata(self, doc_index: int) -> dict[str, Any]:
+        """The document's metadata object (parsed on demand: only hits need it)."""
+        self.require_open()
+        return json.loads(self._metadata_json[doc_index])
+
+    def require_open(self) -> None:
+        if self._closed:
+            raise FailedPrecondition(f"index version {self.name} has been unloaded")
+
+    def close(self) -> None:
+        """Release the memory. Searches started afterwards raise FailedPrecondition."""
+        self._closed = True
+        empty = np.empty(0)
+        self.tokens = torch.empty(0, dtype=torch.float16)
+        self.doc_ids, self.texts, self._metadata_json = [], [], []
+        self.spans = self.centroids = self.token_codes = self.ivf_docs = empty
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def __repr__(self) -> str:
+        return f"LoadedVersion({self.name!r}, documents={self.documents}, tokens={self.tokens_count}, device={self.device})"
+
+
+class _Loader:
+    """Reads and cross-checks the arrays; every inconsistency is a CorruptVersion naming it."""
+
+    def __init__(self, root: Path, arrays: dict[str, zarr.Array], dim: int) -> None:
+        self.root, self.arrays, self.dim = root, arrays, dim
+
+    def load(self, attrs: dict[str, Any], encoder: EncoderRef, device: torch.device, manifest_sha: str) -> LoadedVersion:
+        a = self.arrays
+        n_tok, n_doc, n_cent = a[F.TOKENS].shape[0], a[F.DOC_IDS].shape[0], a[F.CENTROIDS].shape[0]
+        counts = attrs.get("counts") or {}
+        if (counts.get("documents"), counts.get("tokens"), counts.get("centroids")) != (n_doc, n_tok, n_cent):
+            self.fail(f"counts in zarr.json {counts} do not match the arrays ({n_doc} documents, {n_tok} tokens, {n_cent} centroids)")
+        self.expect(F.TOKENS, (n_tok, self.dim), np.float16)
+        self.expect(F.DOC_OFFSETS, (n_doc + 1,), np.int64)
+        self.expect(F.TOKEN_SPANS, (n_tok, 2), np.int32)
+        self.expect(F.TEXTS, (n_doc,), None)
+        self.expect(F.METADATA, (n_doc,), None)
+        self.expect(F.CENTROIDS, (n_cent, self.dim), np.float32)
+        self.expect(F.TOKEN_CODES, (n_tok,), np.int32)
+        self.expect(F.IVF_OFFSETS, (n_cent + 1,), np.int64)
+
+        offsets = self.read(F.DOC_OFFSETS)
+        if n_doc == 0 or offsets[0] != 0 or offsets[-1] != n_tok or np.any(np.diff(offsets) <= 0):
+            self.fail("doc_offsets is not a CSR index with at least one token per document")
+        codes = self.read(F.TOKEN_CODES)
+        if codes.size and (codes.min() < 0 or codes.max() >= n_cent):
+            self.fail("token_codes refers to a centroid that does not exist")
+        ivf_offsets, ivf_docs = self.read(F.IVF_OFFSETS), self.read(F.IVF_DOCS)
+        if ivf_offsets[0] != 0 or ivf_offsets[-1] != ivf_docs.shape[0] or np.any(np.diff(ivf_offsets) < 0):
+            self.fail("ivf_offsets is not a CSR index over ivf_docs")
+        if ivf_docs.size and (ivf_docs.min() < 0 or ivf_docs.max() >= n_doc):
+            self.fail("ivf_docs refers to a document that does not exist")
+        tokens, max_norm = self.read_tokens(device)
+        try:
+            graph = load_graph(self.read(F.CENTROID_HNSW).tobytes(), dim=self.dim, count=n_cent, ef=HNSW_EF)
+        except RuntimeError as exc:
+            self.fail(f"centroid_hnsw is not a readable hnswlib graph ({exc})")
+        if graph.get_current_count() != n_cent:
+            self.fail(f"centroid_hnsw holds {graph.get_current_count()} centroids, expected {n_cent}")
+        return LoadedVersion(
+            path=self.root,
+            encoder=encoder,
+            attrs=attrs,
+            device=device,
+            manifest_sha256=manifest_sha,
+            documents=n_doc,
+            tokens_count=n_tok,
+            tokens=tokens,
+            doc_offsets=offsets,
+            doc_ids=self.read(F.DOC_IDS).tolist(),
+            texts=self.read(F.TEXTS).tolist(),
+            metadata_json=self.read(F.METADATA).tolist(),
+            spans=self.read(F.TOKEN_SPANS),
+            centroids=self.read(F.CENTROIDS),
+            token_codes=codes,
+            ivf_offsets=ivf_offsets,
+            ivf_docs=ivf_docs,
+            graph=graph,
+            max_token_norm=max_norm,
+        )
+
+    def read_tokens(self, device: torch.device) -> tuple[torch.Tensor, float]:
+        """Tokens chunk by chunk into one preallocated tensor (never two full copies), and the
+        largest token norm (it bounds the error of reduced-precision scoring)."""
+        array = self.arrays[F.TOKENS]
+        n_tok, step = array.shape[0], array.chunks[0]
+        tokens = torch.empty((n_tok, self.dim), dtype=torch.float16, device=device)
+        max_norm = 0.0
+        for start in range(0, n_tok, step):
+            block = torch.from_numpy(self.read(F.TOKENS, slice(start, start + step)))
+            if not torch.isfinite(block).all():
+                self.fail(f"tokens rows {start}..{start + block.shape[0]} contain NaN or infinity")
+            max_norm = max(max_norm, float(block.float().norm(dim=1).max()))
+            tokens[start : start + block.shape[0]] = block.to(device)
+        return tokens, max_norm
+
+    def read(self, name: str, selection: Any = Ellipsis) -> np.ndarray:
+        try:
+            return self.arrays[name][selection]
+        except Exception as exc:
+            self.fail(f"array {name} cannot be read ({type(exc).__name__}: {exc})")
+
+    def expect(self, name: str, shape: tuple[int, ...], dtype: type | None) -> None:
+        array = self.arrays[name]
+        if array.shape != shape or (dtype is not None and array.dtype != np.dtype(dtype)):
+            self.fail(f"array {name} has shape {array.shape} and dtype {array.dtype}, expected {shape} {np.dtype(dtype) if dtype else ''}")
+
+    def fail(self, what: str) -> None:
+        raise _corrupt(self.root, what)
+
+
+def _array(root: Path, group: zarr.Group, name: str) -> zarr.Array:
+    try:
+        node = group[name]
+    except KeyError:
+        raise _corrupt(root, f"array {name} is missing") from None
+    if not isinstance(node, zarr.Array):
+        raise _corrupt(root, f"{name} is not an array")
+    return node
+
+
+def _check_chunks_present(root: Path, arrays: dict[str, zarr.Array], files: set[str]) -> None:
+    """Zarr reads an absent chunk as fill values; an absent chunk here is corruption."""
+    for name, array in arrays.items():
+        grid = [math.ceil(n / c) for n, c in zip(array.shape, array.chunks)]
+        for index in itertools.product(*(range(g) for g in grid)):
+            key = f"{name}/c/" + "/".join(map(str, index))
+            if key not in files:
+                raise _corrupt(root, f"chunk {key} of array {name} is missing")
+
+
+def _encoder(root: Path, attrs: Mapping[str, Any]) -> EncoderRef:
+    if attrs.get("format_version") != F.FORMAT_VERSION:
+        raise _corrupt(root, f"format_version {attrs.get('format_version')!r} is not {F.FORMAT_VERSION}")
+    try:
+        return EncoderRef.from_dict(attrs["encoder"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _corrupt(root, "zarr.json has no valid encoder {id, kind, dim}") from exc
+
+
+def _existing_dir(path: Path) -> Path:
+    if not path.is_dir():
+        raise NotFound(f"index version {path} does not exist", resource_type="index version", resource_name=str(path))
+    return path
+
+
+def _corrupt(root: Path, what: str) -> CorruptVersion:
+    return CorruptVersion(f"index version {root}: {what}", version_path=str(root))

@@ -1,0 +1,333 @@
+"""VersionWriter: stream documents into a temporary Zarr group, then build centroids, codes,
+inverted lists and the centroid graph, write the manifest last and publish with one rename."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from tqdm import tqdm
+
+from colgrid_server.errors import FailedPrecondition, InvalidArgument
+from colgrid_server.index import _format as F
+from colgrid_server.index._centroids import build_graph, centroid_count, compute_dtype, nearest, spherical_kmeans
+from colgrid_server.index._format import EncoderRef, VersionSummary
+from colgrid_server.index._manifest import fsync_dir, fsync_tree, write_manifest
+
+CHUNK_BYTES = 4 << 20  # target uncompressed chunk size
+DOC_CHUNK = 4096  # documents per chunk of the per-document string arrays
+KMEANS_SAMPLE_PER_CENTROID = 32
+KMEANS_ITERATIONS = 10
+_WRITE_CONFIG = {"write_empty_chunks": True}  # every chunk on disk: a missing one is corruption
+
+_STRING = str  # zarr v3 "string" data type (vlen-utf8 codec)
+
+
+class VersionWriter:
+    """Writes one immutable index version. Use as a context manager: an exception inside the
+    block removes the temporary directory and publishes nothing."""
+
+    def __init__(self, final_dir: Path, *, encoder: EncoderRef, build_params: Mapping[str, Any] | None = None) -> None:
+        self.final_dir = Path(final_dir)
+        self.encoder = encoder
+        self.build_params = dict(build_params or {})
+        _json_or_invalid(self.build_params, "build_params")
+        self._refuse_existing()
+        self.final_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir = self.final_dir.parent / f".{self.final_dir.name}.tmp-{secrets.token_hex(6)}"
+        self._started = time.monotonic()
+        self._state = "open"
+        self._ids: set[str] = set()
+        self._lengths: list[int] = []
+        self._n_tokens = 0
+        self.tmp_dir.mkdir()
+        try:
+            self._group = zarr.open_group(str(self.tmp_dir), mode="w-", zarr_format=3)
+            dim = encoder.dim
+            token_rows = _pow2_rows(CHUNK_BYTES // (2 * dim))
+            self._tokens = _Appender(self._array(F.TOKENS, (0, dim), "float16", (token_rows, dim), compressors=None))
+            self._spans = _Appender(self._array(F.TOKEN_SPANS, (0, 2), "int32", (_pow2_rows(CHUNK_BYTES // 8), 2)))
+            self._doc_ids = _Appender(self._array(F.DOC_IDS, (0,), _STRING, (DOC_CHUNK,)))
+            self._texts = _Appender(self._array(F.TEXTS, (0,), _STRING, (DOC_CHUNK,)))
+            self._metadata = _Appender(self._array(F.METADATA, (0,), _STRING, (DOC_CHUNK,)))
+        except BaseException:
+            self.abort()
+            raise
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def add(
+        self,
+        doc_id: str,
+        vectors: np.ndarray,
+        spans: np.ndarray,
+        text: str,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Append one document: vectors (n, dim) float, spans (n, 2) int character offsets
+        [start, end) into text, or (-1, -1) for a token with no span."""
+        self._require_open()
+        if not isinstance(doc_id, str) or not doc_id:
+            raise InvalidArgument("document id must be a non-empty string", field="id")
+        if doc_id in self._ids:
+            raise InvalidArgument(f"duplicate document id {doc_id!r}", field="id")
+        vectors16 = self._check_vectors(doc_id, vectors)
+        spans32 = _check_spans(doc_id, spans, vectors16.shape[0], text)
+        if metadata is not None and not isinstance(metadata, Mapping):
+            raise InvalidArgument(f"document {doc_id!r}: metadata must be a JSON object", field="metadata")
+        meta = _json_or_invalid(dict(metadata or {}), "metadata", doc_id)
+        try:
+            doc_id.encode("utf-8")
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidArgument(f"document {doc_id!r}: text or id is not valid UTF-8 ({exc.reason})", field="text") from exc
+        self._ids.add(doc_id)
+        self._lengths.append(vectors16.shape[0])
+        self._n_tokens += vectors16.shape[0]
+        self._tokens.append(vectors16)
+        self._spans.append(spans32)
+        self._doc_ids.append(_strings([doc_id]))
+        self._texts.append(_strings([text]))
+        self._metadata.append(_strings([meta]))
+
+    def _check_vectors(self, doc_id: str, vectors: np.ndarray) -> np.ndarray:
+        vectors = np.asarray(vectors)
+        dim = self.encoder.dim
+        if vectors.ndim != 2 or vectors.shape[1] != dim or vectors.shape[0] == 0:
+            raise InvalidArgument(
+                f"document {doc_id!r}: vectors have shape {vectors.shape}, expected (n >= 1, {dim})", field="vectors"
+            )
+        if not np.issubdtype(vectors.dtype, np.floating):
+            raise InvalidArgument(f"document {doc_id!r}: vectors must be floating point, got {vectors.dtype}", field="vectors")
+        with np.errstate(over="ignore"):
+            vectors16 = vectors.astype(np.float16)
+        if not np.isfinite(vectors16).all():
+            raise InvalidArgument(
+                f"document {doc_id!r}: vectors contain NaN, infinity or values beyond the float16 range", field="vectors"
+            )
+        return vectors16
+
+    # -- publishing --------------------------------------------------------------------------
+
+    def finalize(self, progress: bool = False) -> VersionSummary:
+        """Build centroids, codes, inverted lists and graph; write the manifest; publish."""
+        self._require_open()
+        try:
+            return self._finalize(progress)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _finalize(self, progress: bool) -> VersionSummary:
+        for appender in (self._tokens, self._spans, self._doc_ids, self._texts, self._metadata):
+            appender.flush()
+        n_docs, n_tokens = len(self._lengths), self._n_tokens
+        if n_docs == 0:
+            raise InvalidArgument("an index version needs at least one document", field="documents")
+        offsets = np.zeros(n_docs + 1, dtype=np.int64)
+        np.cumsum(np.asarray(self._lengths, dtype=np.int64), out=offsets[1:])
+        self._write(F.DOC_OFFSETS, offsets, chunk=_pow2_rows(CHUNK_BYTES // 8))
+
+        params = self._resolved_params(n_tokens)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        centroids, codes = self._cluster(params, device, progress)
+        self._write(F.CENTROIDS, centroids, chunk=_pow2_rows(CHUNK_BYTES // (4 * self.encoder.dim)))
+        self._write(F.TOKEN_CODES, codes, chunk=_pow2_rows(CHUNK_BYTES // 4))
+        ivf_offsets, ivf_docs = _inverted_lists(codes, offsets, centroids.shape[0])
+        self._write(F.IVF_OFFSETS, ivf_offsets, chunk=_pow2_rows(CHUNK_BYTES // 8))
+        self._write(F.IVF_DOCS, ivf_docs, chunk=_pow2_rows(CHUNK_BYTES // 4))
+        graph = np.frombuffer(build_graph(centroids, seed=params["seed"]), dtype=np.uint8)
+        self._write(F.CENTROID_HNSW, graph, chunk=CHUNK_BYTES)
+
+        self._group.attrs.update(
+            {
+                "format_version": F.FORMAT_VERSION,
+                "encoder": self.encoder.to_dict(),
+                "counts": {"documents": n_docs, "tokens": n_tokens, "centroids": int(centroids.shape[0]), "postings": int(ivf_docs.shape[0])},
+                "build_params": params,
+            }
+        )
+        fsync_tree(self.tmp_dir)
+        manifest_sha = write_manifest(self.tmp_dir)
+        self._refuse_existing()
+        # Rename publishes atomically; a crash before it leaves only the hidden tmp directory.
+        os.rename(self.tmp_dir, self.final_dir)
+        fsync_dir(self.final_dir.parent)
+        self._state = "published"
+        return VersionSummary(
+            path=self.final_dir,
+            documents=n_docs,
+            tokens=n_tokens,
+            centroids=int(centroids.shape[0]),
+            dim=self.encoder.dim,
+            manifest_sha256=manifest_sha,
+            build_seconds=time.monotonic() - self._started,
+        )
+
+    def _resolved_params(self, n_tokens: int) -> dict[str, Any]:
+        """build_params with every knob the build used filled in (recorded in zarr.json)."""
+        params = dict(self.build_params)
+        n_centroids = int(params.get("n_centroids") or centroid_count(n_tokens))
+        if n_centroids <= 0:
+            raise InvalidArgument("build parameter n_centroids must be positive", field="build_params")
+        params["n_centroids"] = min(n_centroids, n_tokens)
+        params.setdefault("kmeans_iterations", KMEANS_ITERATIONS)
+        params.setdefault("kmeans_sample", min(n_tokens, KMEANS_SAMPLE_PER_CENTROID * params["n_centroids"]))
+        params["kmeans_sample"] = max(params["n_centroids"], min(n_tokens, int(params["kmeans_sample"])))
+        params.setdefault("seed", 0)
+        return params
+
+    def _cluster(self, params: dict[str, Any], device: torch.device, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+        """k-means over a token sample, then the nearest centroid of every token, one chunk at a time."""
+        n_tokens = self._n_tokens
+        rng = np.random.default_rng(params["seed"])
+        sample_rows = np.sort(rng.choice(n_tokens, size=params["kmeans_sample"], replace=False))
+        sample = torch.from_numpy(self._gather_rows(sample_rows)).to(device=device, dtype=torch.float32)
+        centroids = spherical_kmeans(
+            sample, params["n_centroids"], iterations=int(params["kmeans_iterations"]), seed=int(params["seed"])
+        )
+        del sample
+        centroids_t = centroids.T.to(compute_dtype(device)).contiguous()
+        codes = np.empty(n_tokens, dtype=np.int32)
+        tokens = self._tokens.array
+        step = tokens.chunks[0]
+        bar = tqdm(total=n_tokens, desc="assign tokens", unit="tok", disable=not progress)
+        for start in range(0, n_tokens, step):
+            block = torch.from_numpy(tokens[start : start + step]).to(device)
+            codes[start : start + step] = nearest(block, centroids_t).cpu().numpy()
+            bar.update(block.shape[0])
+        bar.close()
+        return centroids.cpu().numpy().astype(np.float32), codes
+
+    def _gather_rows(self, rows: np.ndarray) -> np.ndarray:
+        """tokens[rows] for sorted rows, reading one chunk at a time (never the whole array)."""
+        tokens = self._tokens.array
+        step = tokens.chunks[0]
+        out = np.empty((rows.shape[0], tokens.shape[1]), dtype=np.float16)
+        chunk_of = rows // step
+        bounds = np.searchsorted(chunk_of, np.arange(0, math.ceil(tokens.shape[0] / step) + 1))
+        for chunk, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+            if hi > lo:
+                block = tokens[chunk * step : (chunk + 1) * step]
+                out[lo:hi] = block[rows[lo:hi] - chunk * step]
+        return out
+
+    # -- housekeeping ------------------------------------------------------------------------
+
+    def abort(self) -> None:
+        """Discard everything written; nothing is published."""
+        if self._state != "published":
+            self._state = "aborted"
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+    def __enter__(self) -> VersionWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if exc_type is not None or self._state == "open":
+            self.abort()
+
+    def _require_open(self) -> None:
+        if self._state != "open":
+            raise FailedPrecondition(f"version writer for {self.final_dir} is {self._state}")
+
+    def _refuse_existing(self) -> None:
+        if self.final_dir.exists():
+            raise FailedPrecondition(
+                f"index version {self.final_dir} already exists; published versions are immutable, build a new version"
+            )
+
+    def _array(self, name: str, shape: tuple[int, ...], dtype: Any, chunks: tuple[int, ...], **kwargs: Any) -> zarr.Array:
+        return self._group.create_array(name, shape=shape, dtype=dtype, chunks=chunks, config=_WRITE_CONFIG, **kwargs)
+
+    def _write(self, name: str, values: np.ndarray, *, chunk: int) -> None:
+        chunks = (max(1, min(chunk, values.shape[0])),) + values.shape[1:]
+        array = self._array(name, values.shape, values.dtype, chunks)
+        array[...] = values
+
+
+class _Appender:
+    """Buffers rows and appends them to a resizable Zarr array a whole chunk at a time, so each
+    chunk is written once and the corpus is never held in memory."""
+
+    def __init__(self, array: zarr.Array) -> None:
+        self.array = array
+        self._rows = array.chunks[0]
+        self._parts: list[np.ndarray] = []
+        self._buffered = 0
+
+    def append(self, values: np.ndarray) -> None:
+        self._parts.append(values)
+        self._buffered += values.shape[0]
+        if self._buffered >= self._rows:
+            self._write(whole_chunks_only=True)
+
+    def flush(self) -> None:
+        if self._buffered:
+            self._write(whole_chunks_only=False)
+
+    def _write(self, *, whole_chunks_only: bool) -> None:
+        data = np.concatenate(self._parts) if len(self._parts) > 1 else self._parts[0]
+        n = (data.shape[0] // self._rows) * self._rows if whole_chunks_only else data.shape[0]
+        start = self.array.shape[0]
+        self.array.resize((start + n,) + self.array.shape[1:])
+        self.array[start : start + n] = data[:n]
+        rest = data[n:]
+        self._parts = [rest] if rest.shape[0] else []
+        self._buffered = rest.shape[0]
+
+
+def _inverted_lists(codes: np.ndarray, offsets: np.ndarray, n_centroids: int) -> tuple[np.ndarray, np.ndarray]:
+    """CSR centroid -> ascending unique indices of the documents with a token in that centroid."""
+    n_docs = offsets.shape[0] - 1
+    doc_of_token = np.repeat(np.arange(n_docs, dtype=np.int64), np.diff(offsets))
+    pairs = np.unique(codes.astype(np.int64) * n_docs + doc_of_token)
+    ivf_offsets = np.zeros(n_centroids + 1, dtype=np.int64)
+    np.cumsum(np.bincount(pairs // n_docs, minlength=n_centroids), out=ivf_offsets[1:])
+    return ivf_offsets, (pairs % n_docs).astype(np.int32)
+
+
+def _check_spans(doc_id: str, spans: np.ndarray, n: int, text: str) -> np.ndarray:
+    if not isinstance(text, str) or not text:
+        raise InvalidArgument(f"document {doc_id!r} has no text", field="text")
+    spans = np.asarray(spans)
+    if spans.shape != (n, 2) or not np.issubdtype(spans.dtype, np.integer):
+        raise InvalidArgument(
+            f"document {doc_id!r}: spans must be integers of shape ({n}, 2), got {spans.dtype} {spans.shape}", field="spans"
+        )
+    start, end = spans[:, 0], spans[:, 1]
+    absent = (start == -1) & (end == -1)
+    valid = absent | ((start >= 0) & (start <= end) & (end <= len(text)))
+    if not valid.all():
+        bad = int(np.flatnonzero(~valid)[0])
+        raise InvalidArgument(
+            f"document {doc_id!r}: token {bad} has span {spans[bad].tolist()} outside its text of {len(text)} characters",
+            field="spans",
+        )
+    return spans.astype(np.int32)
+
+
+def _json_or_invalid(value: Mapping[str, Any], field: str, doc_id: str | None = None) -> str:
+    try:
+        return json.dumps(value, ensure_ascii=False, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        where = f"document {doc_id!r}: " if doc_id is not None else ""
+        raise InvalidArgument(f"{where}{field} must be a JSON object ({exc})", field=field) from exc
+
+
+def _strings(values: list[str]) -> np.ndarray:
+    return np.array(values, dtype=np.dtypes.StringDType())
+
+
+def _pow2_rows(rows: int) -> int:
+    return 2 ** max(0, int(math.floor(math.log2(max(1, rows)))))
