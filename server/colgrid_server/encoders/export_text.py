@@ -99,7 +99,7 @@ def export_text_encoder(checkpoint: str | Path, out_dir: Path, *, name: str | No
         parity = _parity(loaded.module, tmp / ONNX_FILE, documents, input_names)
         if not parity.min_token_cosine >= min_token_cosine:  # also catches NaN
             raise EncoderError(
-                f"ONNX/PyTorch parity failed for {checkpoint}: min per-token cosine {parity.min_token_cosine:.6f} "
+                f"ONNX/PyTorch parity failed for {checkpoint}: min per-token cosine {parity.min_token_cosine:.7f} "
                 f"< {min_token_cosine} (max abs diff {parity.max_abs_diff:.2e}); the graph does not "
                 "reproduce the model, so nothing was written")
         steps.update()
