@@ -150,7 +150,7 @@ def _tokenizer_json(hf_tokenizer, max_length: int, markers: Iterable[str]) -> st
     tokenizer.enable_truncation(max_length)
     tokenizer.enable_padding(pad_id=hf_tokenizer.pad_token_id, pad_token=hf_tokenizer.pad_token)
     # A marker word that is one vocabulary entry (ColBERT's "[unused0]") must stay one token.
-    for piece in {p for marker in markers for p in marker.split()}:
+    for piece in dict.fromkeys(p for marker in markers for p in marker.split()):  # stable order
         if tokenizer.token_to_id(piece) is not None and \
                 tokenizer.encode(piece, add_special_tokens=False).tokens != [piece]:
             tokenizer.add_special_tokens([AddedToken(piece, special=True, normalized=False)])
