@@ -78,11 +78,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # -------------------------------------------------------------------------------- encoder verbs
 
 def cmd_encoder_export(args: argparse.Namespace) -> int:
-    from colgrid_server.encoders import bundled_checkpoint, export_text_encoder
+    from colgrid_server.encoders import DEFAULT_ENCODER_NAME, bundled_checkpoint, export_text_encoder
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     checkpoint = Path(args.checkpoint) if args.checkpoint else bundled_checkpoint()
-    report = export_text_encoder(checkpoint, Path(args.out), name=args.name,
+    name = args.name or (None if args.checkpoint else DEFAULT_ENCODER_NAME)
+    report = export_text_encoder(checkpoint, Path(args.out), name=name,
                                  query_max_length=args.query_max_length,
                                  document_max_length=args.document_max_length,
                                  query_marker=args.query_marker, document_marker=args.document_marker)
