@@ -30,8 +30,8 @@ def search_params(req: pb.SearchRequest, settings: Settings) -> SearchParams:
     k = knob("k")
     if k is not None and k > settings.max_k:
         raise InvalidArgument(f"k={k} exceeds this server's limit of {settings.max_k}", field="k")
-    return SearchParams.from_request(k=k or 0, nprobe=knob("nprobe") or 0,
-                                     n_candidates=knob("n_candidates") or 0, explain=req.explain)
+    return SearchParams.from_request(k=k, nprobe=knob("nprobe"), n_candidates=knob("n_candidates"),
+                                     explain=req.explain)
 
 
 def query_text(req: pb.SearchRequest, settings: Settings) -> str:
