@@ -1,0 +1,42 @@
+"""Search over one loaded index version: candidates from centroids and inverted lists, exact
+MaxSim on them, top-k with explanations (DESIGN.md "Candidate generation and exact MaxSim")."""
+from __future__ import annotations
+
+from colgrid_server.search._maxsim import (
+    DEFAULT_BLOCK_TOKENS,
+    Explanation,
+    bf16_error_bound,
+    maxsim_explain,
+    maxsim_scores,
+)
+from colgrid_server.search._params import (
+    DEFAULT_K,
+    DEFAULT_N_CANDIDATES,
+    DEFAULT_NPROBE,
+    MAX_K,
+    MAX_N_CANDIDATES,
+    MAX_NPROBE,
+    SearchParams,
+)
+from colgrid_server.search._results import Hit, SearchResult, SearchStats, TokenMatch
+from colgrid_server.search._searcher import Searcher
+
+__all__ = [
+    "DEFAULT_BLOCK_TOKENS",
+    "DEFAULT_K",
+    "DEFAULT_NPROBE",
+    "DEFAULT_N_CANDIDATES",
+    "MAX_K",
+    "MAX_NPROBE",
+    "MAX_N_CANDIDATES",
+    "Explanation",
+    "Hit",
+    "SearchParams",
+    "SearchResult",
+    "SearchStats",
+    "Searcher",
+    "TokenMatch",
+    "bf16_error_bound",
+    "maxsim_explain",
+    "maxsim_scores",
+]

@@ -1,0 +1,136 @@
+"""Searcher: candidates -> exact MaxSim -> top-k -> explanations, over one loaded version."""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from colgrid_server.errors import InvalidArgument
+from colgrid_server.index import LoadedVersion
+from colgrid_server.search._candidates import candidate_documents
+from colgrid_server.search._maxsim import DEFAULT_BLOCK_TOKENS, bf16_error_bound, maxsim_explain, maxsim_scores
+from colgrid_server.search._params import SearchParams
+from colgrid_server.search._results import Hit, SearchResult, SearchStats, TokenMatch
+
+# Below this many candidate tokens one exact float32 pass is as cheap as a bf16 pass plus the
+# exact re-score it needs.
+FAST_PASS_MIN_TOKENS = 4 * DEFAULT_BLOCK_TOKENS
+
+
+class Searcher:
+    """Searches one LoadedVersion; holds no per-request state, so concurrent searches are safe.
+
+    Scores are exact for the stored vectors: on CPU a bf16 pass ranks the candidates, then every
+    document that could still reach the top k under the pass's proven error bound is re-scored
+    in float32 (see `bf16_error_bound`); on GPU one float32 pass."""
+
+    def __init__(self, version: LoadedVersion, *, block_tokens: int = DEFAULT_BLOCK_TOKENS, fast_pass: bool | None = None) -> None:
+        self.version = version
+        self.block_tokens = block_tokens
+        self.fast_pass = version.device.type == "cpu" if fast_pass is None else fast_pass
+
+    def search(self, query_vectors: np.ndarray, query_tokens: Sequence[str], params: SearchParams) -> SearchResult:
+        """Approximate candidates (nprobe, n_candidates), exact MaxSim on them."""
+        query = self._check_query(query_vectors, query_tokens)
+        started = time.perf_counter()
+        candidates = candidate_documents(self.version, query, params.nprobe, params.n_candidates)
+        return self._finish(query, query_tokens, params, candidates, started)
+
+    def exhaustive(self, query_vectors: np.ndarray, query_tokens: Sequence[str], params: SearchParams) -> SearchResult:
+        """Exact MaxSim over every document: the reference the approximate search is measured by."""
+        query = self._check_query(query_vectors, query_tokens)
+        started = time.perf_counter()
+        return self._finish(query, query_tokens, params, np.arange(self.version.documents), started)
+
+    def _finish(
+        self, query: np.ndarray, query_tokens: Sequence[str], params: SearchParams, candidates: np.ndarray, started: float
+    ) -> SearchResult:
+        scored_at = time.perf_counter()
+        query_t = torch.from_numpy(query)
+        top, scores = self._top_k(query_t, candidates, params.k)
+        explanations = self._explain(query_t, query_tokens, top, scores) if params.explain else [()] * len(top)
+        hits = tuple(
+            Hit(
+                doc_id=self.version.doc_ids[doc],
+                score=float(score),
+                rank=rank,
+                metadata=self.version.metadata(doc),
+                explanation=explanation,
+            )
+            for rank, (doc, score, explanation) in enumerate(zip(top.tolist(), scores.tolist(), explanations), start=1)
+        )
+        finished = time.perf_counter()
+        stats = SearchStats(
+            candidates_ms=(scored_at - started) * 1e3,
+            maxsim_ms=(finished - scored_at) * 1e3,
+            candidates=int(candidates.shape[0]),
+            query_tokens=int(query.shape[0]),
+        )
+        return SearchResult(hits=hits, stats=stats)
+
+    def _top_k(self, query: torch.Tensor, docs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The k best of docs by exact score, best first (ties: lower document index first)."""
+        v = self.version
+        n_tokens = int((v.doc_offsets[docs + 1] - v.doc_offsets[docs]).sum()) if docs.size else 0
+        if self.fast_pass and docs.shape[0] > k and n_tokens >= FAST_PASS_MIN_TOKENS:
+            approx = self._scores(query, docs, torch.bfloat16)
+            kth = np.partition(approx, -k)[-k]
+            # Any document in the exact top k scores within 2 * bound of the k-th approximate score.
+            docs = docs[approx >= kth - 2.0 * bf16_error_bound(query, v.max_token_norm)]
+        exact = self._scores(query, docs, torch.float32)
+        order = np.lexsort((docs, -exact))[:k]
+        return docs[order], exact[order]
+
+    def _scores(self, query: torch.Tensor, docs: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+        v = self.version
+        scores = maxsim_scores(query, v.tokens, v.doc_offsets, docs, block_tokens=self.block_tokens, compute_dtype=dtype)
+        return scores.cpu().numpy()
+
+    def _explain(
+        self, query: torch.Tensor, query_tokens: Sequence[str], docs: np.ndarray, scores: np.ndarray
+    ) -> list[tuple[TokenMatch, ...]]:
+        v = self.version
+        explanation = maxsim_explain(query, v.tokens, v.doc_offsets, docs, block_tokens=self.block_tokens)
+        token_index = explanation.token_index.cpu().numpy()
+        similarity = explanation.similarity.cpu().numpy()
+        out = []
+        for row, (doc, score) in enumerate(zip(docs.tolist(), scores.tolist())):
+            text, base = v.texts[doc], int(v.doc_offsets[doc])
+            matches = []
+            for q, token in enumerate(query_tokens):
+                index = int(token_index[row, q])
+                start, end = (int(x) for x in v.spans[base + index])
+                sim = float(similarity[row, q])
+                matches.append(
+                    TokenMatch(
+                        query_index=q,
+                        query_token=token,
+                        doc_token_index=index,
+                        doc_token=text[start:end] if start >= 0 else "",
+                        start=start,
+                        end=end,
+                        similarity=sim,
+                        share=sim / score if score else 0.0,
+                    )
+                )
+            out.append(tuple(matches))
+        return out
+
+    def _check_query(self, query_vectors: np.ndarray, query_tokens: Sequence[str]) -> np.ndarray:
+        self.version.require_open()
+        query = np.asarray(query_vectors)
+        dim = self.version.encoder.dim
+        if query.ndim != 2 or query.shape[0] == 0 or query.shape[1] != dim:
+            raise InvalidArgument(
+                f"query vectors have shape {query.shape}, expected (n >= 1, {dim}) for index version {self.version.name}",
+                field="query_vectors",
+            )
+        if not np.issubdtype(query.dtype, np.floating) or not np.isfinite(query).all():
+            raise InvalidArgument("query vectors must be finite floating-point numbers", field="query_vectors")
+        if len(query_tokens) != query.shape[0]:
+            raise InvalidArgument(
+                f"{len(query_tokens)} query tokens for {query.shape[0]} query vectors", field="query_tokens"
+            )
+        return np.ascontiguousarray(query, dtype=np.float32)
