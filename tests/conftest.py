@@ -107,7 +107,7 @@ def link_encoders(data_dir: Path, shared: Path) -> None:
 def stdlib_documents() -> list:
     from colgrid_server.corpus import iter_docstring_documents
 
-    return list(iter_docstring_documents(limit=6000))
+    return list(iter_docstring_documents(limit=6000, include_private=True))
 
 
 @pytest.fixture(scope="session")
