@@ -103,8 +103,9 @@ def search_request(index: str, query: str = "", *, k: int = 10, explain: bool = 
                    query_vectors: Any = None, exhaustive: bool = False,
                    request_id: str = "") -> pb.SearchRequest:
     # The knobs are proto3 `optional`: 0 here means "server default", so leave them unset.
-    knobs = {name: value for name, value in (("k", _uint("k", k)), ("nprobe", _uint("nprobe", nprobe)),
-                                             ("n_candidates", _uint("n_candidates", n_candidates)))
+    # None is accepted as "default" too, for callers forwarding optional settings.
+    knobs = {name: value for name, value in (("k", _uint("k", k or 0)), ("nprobe", _uint("nprobe", nprobe or 0)),
+                                             ("n_candidates", _uint("n_candidates", n_candidates or 0)))
              if value}
     request = pb.SearchRequest(
         index=_text("index", index), query=_text("query", query), **knobs,
