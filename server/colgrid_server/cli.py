@@ -147,7 +147,7 @@ def cmd_index_verify(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------- registry verbs
 
 def cmd_registry_list(args: argparse.Namespace) -> int:
-    from colgrid_registry import format_indexes
+    from colgrid_registry.format import format_indexes
 
     with _registry(_settings(args)) as registry:
         indexes = registry.list_indexes()
@@ -156,7 +156,7 @@ def cmd_registry_list(args: argparse.Namespace) -> int:
 
 
 def cmd_registry_show(args: argparse.Namespace) -> int:
-    from colgrid_registry import format_version, format_versions
+    from colgrid_registry.format import format_version, format_versions
 
     with _registry(_settings(args)) as registry:
         if args.version:
