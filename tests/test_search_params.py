@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from colgrid_server.errors import InvalidArgument
-from colgrid_server.search import DEFAULT_K, DEFAULT_N_CANDIDATES, DEFAULT_NPROBE, MAX_K, SearchParams
+from colgrid_server.search import CANDIDATES_PER_HIT, DEFAULT_K, DEFAULT_N_CANDIDATES, DEFAULT_NPROBE, MAX_K, SearchParams
 
 
 def test_defaults():
@@ -19,7 +19,7 @@ def test_defaults():
     [
         ({"k": 0}, "k"),
         ({"k": -3}, "k"),
-        ({"k": MAX_K + 1, "n_candidates": 5000}, "k"),
+        ({"k": MAX_K + 1}, "k"),
         ({"nprobe": 0}, "nprobe"),
         ({"n_candidates": 0}, "n_candidates"),
         ({"k": 50, "n_candidates": 20}, "n_candidates"),
@@ -43,9 +43,10 @@ def test_zero_from_the_wire_is_an_error_not_a_default():
     assert info.value.field == "k"
 
 
-def test_unset_n_candidates_grows_with_a_large_k():
-    params = SearchParams.from_request(k=MAX_K)
-    assert params.n_candidates == MAX_K
+def test_unset_n_candidates_grows_with_k():
+    assert SearchParams(k=10).n_candidates == DEFAULT_N_CANDIDATES
+    assert SearchParams(k=100).n_candidates == CANDIDATES_PER_HIT * 100
+    assert SearchParams.from_request(k=MAX_K).n_candidates == CANDIDATES_PER_HIT * MAX_K
 
 
 def test_explicit_knobs_are_kept():

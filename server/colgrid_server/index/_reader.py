@@ -20,7 +20,7 @@ from colgrid_server.index._centroids import load_graph
 from colgrid_server.index._format import EncoderRef
 from colgrid_server.index._manifest import list_files, read_manifest, verify_files
 
-HNSW_EF = 128  # search breadth over the centroid graph; hnswlib uses max(ef, k) per query
+HNSW_EF = 64  # search breadth over the centroid graph (0.998 centroid recall at nprobe 4 on real text); hnswlib uses max(ef, k)
 
 
 def version_exists(path: Path) -> bool:

@@ -26,8 +26,10 @@ from colgrid_server.index._manifest import fsync_dir, fsync_tree, write_manifest
 
 CHUNK_BYTES = 4 << 20  # target uncompressed chunk size
 DOC_CHUNK = 4096  # documents per chunk of the per-document string arrays
-KMEANS_SAMPLE_PER_CENTROID = 32
-KMEANS_ITERATIONS = 10
+# k-means dominates finalize on CPU. On 5,000 stdlib docstrings (272k tokens, C = 8192), 4
+# iterations over 16 tokens per centroid gave the same search recall as 10 over 32, 3x faster.
+KMEANS_SAMPLE_PER_CENTROID = 16
+KMEANS_ITERATIONS = 4
 _WRITE_CONFIG = {"write_empty_chunks": True}  # every chunk on disk: a missing one is corruption
 
 _STRING = str  # zarr v3 "string" data type (vlen-utf8 codec)

@@ -30,12 +30,18 @@ class SyntheticDocument:
 
 
 class SyntheticCorpus:
-    """Documents and queries drawn around shared random topic directions."""
+    """Documents and queries made of "words": fixed vectors grouped around topic directions,
+    with a little per-occurrence noise (context). A document and a query mix a few topics, so
+    a document sharing the query's words scores high, as with text."""
 
-    def __init__(self, dim: int = 32, *, topics: int = 40, noise: float = 0.6, seed: int = 0) -> None:
+    def __init__(self, dim: int = 32, *, topics: int = 40, words: int = 4000, noise: float = 0.15, seed: int = 0) -> None:
         self.dim, self.noise = dim, noise
         self._rng = np.random.default_rng(seed)
-        self._topics = self._unit(self._rng.standard_normal((topics, dim)))
+        self._n_topics = topics
+        centres = self._unit(self._rng.standard_normal((topics, dim)))
+        topic_of_word = np.arange(words) % topics
+        self._words = self._unit(centres[topic_of_word] + self._gaussian(words, 1.0))
+        self._words_of_topic = [np.flatnonzero(topic_of_word == t) for t in range(topics)]
 
     @property
     def encoder(self) -> EncoderRef:
@@ -53,10 +59,14 @@ class SyntheticCorpus:
         return docs
 
     def vectors(self, count: int, topics_per_text: int = 3) -> np.ndarray:
-        """count unit vectors around topics_per_text topics, float32."""
-        chosen = self._topics[self._rng.integers(0, len(self._topics), size=topics_per_text)]
-        centre = chosen[self._rng.integers(0, topics_per_text, size=count)]
-        return self._unit(centre + self.noise * self._rng.standard_normal((count, self.dim)))
+        """count unit vectors: words of topics_per_text random topics, float32."""
+        topics = self._rng.choice(self._n_topics, size=topics_per_text, replace=False)
+        pool = np.concatenate([self._words_of_topic[t] for t in topics])
+        chosen = self._words[self._rng.choice(pool, size=count)]
+        return self._unit(chosen + self._gaussian(count, self.noise))
+
+    def _gaussian(self, rows: int, norm: float) -> np.ndarray:
+        return norm * self._rng.standard_normal((rows, self.dim)) / np.sqrt(self.dim)
 
     @staticmethod
     def _unit(x: np.ndarray) -> np.ndarray:

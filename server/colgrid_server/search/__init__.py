@@ -10,6 +10,7 @@ from colgrid_server.search._maxsim import (
     maxsim_scores,
 )
 from colgrid_server.search._params import (
+    CANDIDATES_PER_HIT,
     DEFAULT_K,
     DEFAULT_N_CANDIDATES,
     DEFAULT_NPROBE,
@@ -25,6 +26,7 @@ __all__ = [
     "DEFAULT_BLOCK_TOKENS",
     "DEFAULT_K",
     "DEFAULT_NPROBE",
+    "CANDIDATES_PER_HIT",
     "DEFAULT_N_CANDIDATES",
     "MAX_K",
     "MAX_NPROBE",

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 DEFAULT_BLOCK_TOKENS = 8192  # (8192 x dim) floats per block: cache-sized on CPU, small on GPU
+QUERY_PAD = 16
 BF16_UNIT_ROUNDOFF = 2.0**-8
 FP32_UNIT_ROUNDOFF = 2.0**-24
 
@@ -55,12 +56,12 @@ def maxsim_explain(
     only values of the same matmul (never recomputed ones)."""
     layout = _Layout(doc_offsets, doc_indices, tokens.device)
     q_t = _query_t(query, tokens.device, torch.float32)
-    shape = (layout.n_docs, q_t.shape[1])
+    shape = (layout.n_docs, query.shape[0])
     never = torch.iinfo(torch.int64).max
     best = torch.full(shape, -torch.inf, dtype=torch.float32, device=tokens.device)
     first = torch.full(shape, never, dtype=torch.int64, device=tokens.device)
     for block in layout.blocks(block_tokens):
-        sims = _block_sims(tokens, block, q_t)
+        sims = _block_sims(tokens, block, q_t, shape[1])
         seg = block.segments[:, None].expand_as(sims)
         block_best = torch.full_like(best, -torch.inf).scatter_reduce_(0, seg, sims, "amax", include_self=True)
         position = torch.where(sims == block_best.gather(0, seg), block.within_doc[:, None].expand_as(sims), never)
@@ -69,6 +70,25 @@ def maxsim_explain(
         best = torch.where(better, block_best, best)
         first = torch.where(better, block_first, first)
     return Explanation(token_index=first, similarity=best)
+
+
+def centroid_maxsim_scores(
+    centroid_scores: torch.Tensor,
+    token_codes: np.ndarray,
+    doc_offsets: np.ndarray,
+    doc_indices: np.ndarray,
+    *,
+    block_tokens: int = DEFAULT_BLOCK_TOKENS,
+) -> torch.Tensor:
+    """MaxSim with every token replaced by its centroid (PLAID's centroid interaction):
+    centroid_scores (C, Q) holds <query, centroid>, so each block is a table lookup, no matmul."""
+    layout = _Layout(doc_offsets, doc_indices, centroid_scores.device)
+    maxima = torch.full((layout.n_docs, centroid_scores.shape[1]), -torch.inf, device=centroid_scores.device)
+    for block in layout.blocks(block_tokens):
+        codes = torch.from_numpy(token_codes[block.rows.cpu().numpy()].astype(np.int64)).to(centroid_scores.device)
+        sims = centroid_scores.index_select(0, codes)
+        maxima.scatter_reduce_(0, block.segments[:, None].expand_as(sims), sims, "amax", include_self=True)
+    return maxima.sum(dim=1)
 
 
 def bf16_error_bound(query: torch.Tensor, max_token_norm: float) -> float:
@@ -99,9 +119,9 @@ def _segment_maxima(
         raise ValueError("block_tokens must be positive")
     layout = _Layout(doc_offsets, doc_indices, tokens.device)
     q_t = _query_t(query, tokens.device, compute_dtype)
-    maxima = torch.full((layout.n_docs, q_t.shape[1]), -torch.inf, dtype=torch.float32, device=tokens.device)
+    maxima = torch.full((layout.n_docs, query.shape[0]), -torch.inf, dtype=torch.float32, device=tokens.device)
     for block in layout.blocks(block_tokens):
-        sims = _block_sims(tokens, block, q_t)
+        sims = _block_sims(tokens, block, q_t, query.shape[0])
         maxima.scatter_reduce_(0, block.segments[:, None].expand_as(sims), sims, "amax", include_self=True)
     return maxima
 
@@ -143,12 +163,17 @@ class _Layout:
 
 
 def _query_t(query: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """(dim, Q) in the compute dtype: tokens @ q_t keeps the long axis first, the fast
-    orientation for skinny matmuls on CPU."""
-    return query.to(device=device, dtype=torch.float32).to(dtype).T.contiguous()
+    """(dim, Q') in the compute dtype, zero-padded to Q' = a multiple of QUERY_PAD: CPU float32
+    matmuls run ~3x faster at 16 columns than at 15. tokens @ q_t keeps the long axis first,
+    the fast orientation for skinny matmuls on CPU."""
+    n_q, dim = query.shape
+    padded = torch.zeros((dim, -(-n_q // QUERY_PAD) * QUERY_PAD), dtype=dtype, device=device)
+    padded[:, :n_q] = query.to(device=device, dtype=torch.float32).to(dtype).T
+    return padded
 
 
-def _block_sims(tokens: torch.Tensor, block: _Block, q_t: torch.Tensor) -> torch.Tensor:
+def _block_sims(tokens: torch.Tensor, block: _Block, q_t: torch.Tensor, n_q: int) -> torch.Tensor:
+    """(rows, n_q) float32 similarities of the block's tokens to the (unpadded) query."""
     gathered = tokens.index_select(0, block.rows)
     # Through float32: exact for fp16 storage, and on CPU fp16 -> fp32 -> bf16 beats fp16 -> bf16.
-    return torch.mm(gathered.to(torch.float32).to(q_t.dtype), q_t).to(torch.float32)
+    return torch.mm(gathered.to(torch.float32).to(q_t.dtype), q_t)[:, :n_q].to(torch.float32)

@@ -9,14 +9,14 @@ import torch
 
 from colgrid_server.errors import InvalidArgument
 from colgrid_server.index import LoadedVersion
-from colgrid_server.search._candidates import candidate_documents
+from colgrid_server.search._candidates import CandidateGenerator
 from colgrid_server.search._maxsim import DEFAULT_BLOCK_TOKENS, bf16_error_bound, maxsim_explain, maxsim_scores
 from colgrid_server.search._params import SearchParams
 from colgrid_server.search._results import Hit, SearchResult, SearchStats, TokenMatch
 
 # Below this many candidate tokens one exact float32 pass is as cheap as a bf16 pass plus the
 # exact re-score it needs.
-FAST_PASS_MIN_TOKENS = 4 * DEFAULT_BLOCK_TOKENS
+FAST_PASS_MIN_TOKENS = 2 * DEFAULT_BLOCK_TOKENS
 
 
 class Searcher:
@@ -30,12 +30,13 @@ class Searcher:
         self.version = version
         self.block_tokens = block_tokens
         self.fast_pass = version.device.type == "cpu" if fast_pass is None else fast_pass
+        self._candidates = CandidateGenerator(version, block_tokens=block_tokens)
 
     def search(self, query_vectors: np.ndarray, query_tokens: Sequence[str], params: SearchParams) -> SearchResult:
         """Approximate candidates (nprobe, n_candidates), exact MaxSim on them."""
         query = self._check_query(query_vectors, query_tokens)
         started = time.perf_counter()
-        candidates = candidate_documents(self.version, query, params.nprobe, params.n_candidates)
+        candidates = self._candidates(query, params.nprobe, params.n_candidates)
         return self._finish(query, query_tokens, params, candidates, started)
 
     def exhaustive(self, query_vectors: np.ndarray, query_tokens: Sequence[str], params: SearchParams) -> SearchResult:
