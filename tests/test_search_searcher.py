@@ -157,3 +157,20 @@ def test_a_closed_version_refuses_searches(tmp_path, corpus):
     q = corpus.vectors(3)
     with pytest.raises(FailedPrecondition, match="unloaded"):
         searcher.search(q, _tokens(q), SearchParams())
+
+
+def test_real_encoder_version_finds_a_document_by_its_own_words(tmp_path, text_encoder):
+    from colgrid_server.corpus import iter_docstring_documents
+    from colgrid_server.index import build_version
+
+    docs = list(iter_docstring_documents(limit=40))
+    summary = build_version(docs, text_encoder, tmp_path / "v", batch_size=16)
+    loaded = open_version(summary.path)
+    assert loaded.encoder.id == text_encoder.id and loaded.encoder.dim == text_encoder.dim
+    target = docs[17]
+    query = text_encoder.encode_queries([target.text[:120]])[0]
+    hits = Searcher(loaded).search(query.vectors, query.tokens, SearchParams(k=3, explain=True)).hits
+    assert hits[0].doc_id == target.id
+    for match in hits[0].explanation:
+        assert match.doc_token == (target.text[match.start : match.end] if match.start >= 0 else "")
+    assert sum(m.similarity for m in hits[0].explanation) == pytest.approx(hits[0].score, abs=1e-4)

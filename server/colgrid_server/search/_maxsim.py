@@ -94,12 +94,12 @@ def centroid_maxsim_scores(
 def bf16_error_bound(query: torch.Tensor, max_token_norm: float) -> float:
     """A bound on |bf16 score - float32 score| for any document whose tokens have norm at most
     max_token_norm. Per dot product, rounding query and token to bf16 costs 2u + u^2 relative to
-    sum|q_i t_i| <= |q||t|, the bf16 result adds u, float32 accumulation adds dim * u32 (twice:
-    both passes accumulate); max over tokens is 1-Lipschitz; the sum over query tokens adds
-    n_q * u32. Scaled by 1.01 for the terms of higher order."""
+    sum|q_i t_i| <= |q||t|, the bf16 result adds u, float32 accumulation adds dim * u32; max
+    over tokens is 1-Lipschitz; the sum over query tokens adds n_q * u32. The float32 pass it is
+    compared with has the same two float32 terms. Scaled by 1.01 for higher-order terms."""
     n_q, dim = query.shape
     u, u32 = BF16_UNIT_ROUNDOFF, FP32_UNIT_ROUNDOFF
-    per_dot = 3 * u + 4 * u * u + 2 * dim * u32 / (1 - dim * u32) + n_q * u32
+    per_dot = 3 * u + 4 * u * u + 2 * (dim + n_q) * u32 / (1 - (dim + n_q) * u32)
     norms = float(query.detach().to(torch.float64).norm(dim=1).sum())
     return 1.01 * per_dot * norms * max_token_norm
 
