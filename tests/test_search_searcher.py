@@ -174,3 +174,16 @@ def test_real_encoder_version_finds_a_document_by_its_own_words(tmp_path, text_e
     for match in hits[0].explanation:
         assert match.doc_token == (target.text[match.start : match.end] if match.start >= 0 else "")
     assert sum(m.similarity for m in hits[0].explanation) == pytest.approx(hits[0].score, abs=1e-4)
+
+
+def test_search_runs_single_threaded_and_restores_the_callers_thread_setting(version, queries):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        q = queries[0]
+        Searcher(version).search(q, _tokens(q), SearchParams())
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -17,6 +18,10 @@ from colgrid_server.search._results import Hit, SearchResult, SearchStats, Token
 # Below this many candidate tokens one exact float32 pass is as cheap as a bf16 pass plus the
 # exact re-score it needs.
 FAST_PASS_MIN_TOKENS = 2 * DEFAULT_BLOCK_TOKENS
+# torch intra-op threads while a search runs. One query's matmuls are small: on a busy 2-core
+# host, 2 threads made a search ~19x slower (206 vs 11 ms p50) by waiting on each other at every
+# op. Concurrency comes from concurrent requests instead.
+DEFAULT_SEARCH_THREADS = 1
 
 
 class Searcher:
@@ -26,24 +31,34 @@ class Searcher:
     document that could still reach the top k under the pass's proven error bound is re-scored
     in float32 (see `bf16_error_bound`); on GPU one float32 pass."""
 
-    def __init__(self, version: LoadedVersion, *, block_tokens: int = DEFAULT_BLOCK_TOKENS, fast_pass: bool | None = None) -> None:
+    def __init__(
+        self,
+        version: LoadedVersion,
+        *,
+        block_tokens: int = DEFAULT_BLOCK_TOKENS,
+        fast_pass: bool | None = None,
+        threads: int = DEFAULT_SEARCH_THREADS,
+    ) -> None:
         self.version = version
         self.block_tokens = block_tokens
+        self.threads = threads
         self.fast_pass = version.device.type == "cpu" if fast_pass is None else fast_pass
         self._candidates = CandidateGenerator(version, block_tokens=block_tokens)
 
     def search(self, query_vectors: np.ndarray, query_tokens: Sequence[str], params: SearchParams) -> SearchResult:
         """Approximate candidates (nprobe, n_candidates), exact MaxSim on them."""
         query = self._check_query(query_vectors, query_tokens)
-        started = time.perf_counter()
-        candidates = self._candidates(query, params.nprobe, params.n_candidates)
-        return self._finish(query, query_tokens, params, candidates, started)
+        with _intra_op_threads(self.threads):
+            started = time.perf_counter()
+            candidates = self._candidates(query, params.nprobe, params.n_candidates)
+            return self._finish(query, query_tokens, params, candidates, started)
 
     def exhaustive(self, query_vectors: np.ndarray, query_tokens: Sequence[str], params: SearchParams) -> SearchResult:
         """Exact MaxSim over every document: the reference the approximate search is measured by."""
         query = self._check_query(query_vectors, query_tokens)
-        started = time.perf_counter()
-        return self._finish(query, query_tokens, params, np.arange(self.version.documents), started)
+        with _intra_op_threads(self.threads):
+            started = time.perf_counter()
+            return self._finish(query, query_tokens, params, np.arange(self.version.documents), started)
 
     def _finish(
         self, query: np.ndarray, query_tokens: Sequence[str], params: SearchParams, candidates: np.ndarray, started: float
@@ -135,3 +150,17 @@ class Searcher:
                 f"{len(query_tokens)} query tokens for {query.shape[0]} query vectors", field="query_tokens"
             )
         return np.ascontiguousarray(query, dtype=np.float32)
+
+
+@contextmanager
+def _intra_op_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count is per calling thread (an OpenMP setting): set it for this
+    search only, and give the caller's thread its own setting back."""
+    before = torch.get_num_threads()
+    if before != n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if before != n:
+            torch.set_num_threads(before)
