@@ -109,3 +109,9 @@ def test_explanation_ties_go_to_the_first_matching_token():
     tokens, offsets = torch.from_numpy(vectors), np.array([0, 4])
     explanation = maxsim_explain(torch.from_numpy(_query(3)), tokens, offsets, np.array([0]), block_tokens=2)
     assert explanation.token_index.tolist() == [[0, 0, 0]]
+
+
+def test_query_of_another_dimension_is_rejected():
+    tokens, offsets, _ = _corpus([2, 2])
+    with pytest.raises(ValueError, match="does not match"):
+        maxsim_explain(torch.ones(2, DIM + 1), tokens, offsets, np.array([0]))

@@ -176,7 +176,7 @@ def test_real_encoder_version_finds_a_document_by_its_own_words(tmp_path, text_e
     assert sum(m.similarity for m in hits[0].explanation) == pytest.approx(hits[0].score, abs=1e-4)
 
 
-def test_search_runs_single_threaded_and_restores_the_callers_thread_setting(version, queries):
+def test_search_leaves_the_callers_torch_thread_setting_unchanged(version, queries):
     import torch
 
     before = torch.get_num_threads()

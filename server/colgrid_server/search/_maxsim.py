@@ -54,6 +54,7 @@ def maxsim_explain(
     """The argmax document token per query token, exact (float32). Ties go to the first token.
     One pass: each block's maxima and first argmax are merged into the running ones, comparing
     only values of the same matmul (never recomputed ones)."""
+    _check_shapes(query, tokens, block_tokens)
     layout = _Layout(doc_offsets, doc_indices, tokens.device)
     q_t = _query_t(query, tokens.device, torch.float32)
     shape = (layout.n_docs, query.shape[0])
@@ -113,10 +114,7 @@ def _segment_maxima(
     compute_dtype: torch.dtype,
 ) -> torch.Tensor:
     """(n_docs, Q) float32 maxima of <query, token> per document."""
-    if query.ndim != 2 or query.shape[1] != tokens.shape[1]:
-        raise ValueError(f"query shape {tuple(query.shape)} does not match token dim {tokens.shape[1]}")
-    if block_tokens <= 0:
-        raise ValueError("block_tokens must be positive")
+    _check_shapes(query, tokens, block_tokens)
     layout = _Layout(doc_offsets, doc_indices, tokens.device)
     q_t = _query_t(query, tokens.device, compute_dtype)
     maxima = torch.full((layout.n_docs, query.shape[0]), -torch.inf, dtype=torch.float32, device=tokens.device)
@@ -124,6 +122,13 @@ def _segment_maxima(
         sims = _block_sims(tokens, block, q_t, query.shape[0])
         maxima.scatter_reduce_(0, block.segments[:, None].expand_as(sims), sims, "amax", include_self=True)
     return maxima
+
+
+def _check_shapes(query: torch.Tensor, tokens: torch.Tensor, block_tokens: int) -> None:
+    if query.ndim != 2 or tokens.ndim != 2 or query.shape[1] != tokens.shape[1]:
+        raise ValueError(f"query shape {tuple(query.shape)} does not match tokens {tuple(tokens.shape)}")
+    if block_tokens <= 0:
+        raise ValueError("block_tokens must be positive")
 
 
 @dataclass(frozen=True)
