@@ -48,7 +48,8 @@ def build_index(data: DataDir, registry: Registry, name: str, documents: Iterabl
                 build_params: Mapping[str, Any] | None = None, progress: bool = True,
                 actor: str = "cli", reason: str = "") -> BuildOutcome:
     registry.ensure_index(name)  # validates the name before any work
-    encoder_path = import_encoder(data, encoder_dir) if encoder_dir else ensure_default_encoder(data.root)
+    encoder_path = (import_encoder(data, encoder_dir) if encoder_dir
+                    else ensure_default_encoder(data.root, progress=progress))
     encoder = load_encoder(encoder_path)
     params = {"batch_size": batch_size, **(build_params or {})}
     record = registry.allocate_version(name, encoder_id=encoder.id, encoder_kind=encoder.kind,
