@@ -1,4 +1,5 @@
-"""colgrid registry: indexes, versions and rollouts (SQLite embedded; no gRPC here).
+"""colgrid registry: indexes, versions, rollouts, replicas and evaluations (SQLite embedded;
+no gRPC here).
 
 Standard library only: importing this package never loads grpc, torch or numpy.
 
@@ -8,8 +9,11 @@ Standard library only: importing this package never loads grpc, torch or numpy.
                                       storage_uri=..., build_params={})
         registry.mark_ready("docs", v.version, documents=..., tokens=..., manifest_sha256=...)
         registry.set_stable("docs", v.version, actor="alice", reason="first build")
+        registry.start_canary("docs", "v2", 10)   # then set_canary_percent, promote or abort_canary
+        registry.rollback("docs")                  # stable <-> previous_stable
 """
-from colgrid_registry._records import AuditEntry, IndexRecord, Rollout, VersionRecord, VersionState
+from colgrid_registry._records import (
+    AuditEntry, EvaluationRecord, IndexRecord, ReplicaRecord, Rollout, VersionRecord, VersionState)
 from colgrid_registry._registry import Registry, open_registry
 from colgrid_registry._schema import LATEST as SCHEMA_VERSION
 from colgrid_registry.errors import (
@@ -20,6 +24,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "AlreadyExists",
     "AuditEntry",
+    "EvaluationRecord",
     "GenerationConflict",
     "IncompatibleSchema",
     "IndexNotFound",
@@ -29,6 +34,7 @@ __all__ = [
     "InvalidValue",
     "Registry",
     "RegistryError",
+    "ReplicaRecord",
     "Rollout",
     "VersionNotFound",
     "VersionNotReady",

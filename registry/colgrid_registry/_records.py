@@ -93,3 +93,34 @@ class AuditEntry:
     reason: str
     before: Mapping[str, Any]
     after: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class ReplicaRecord:
+    """A server process sharing this registry, as of its last heartbeat. `served` maps each
+    index it serves to the rollout generation it has applied; `live` is whether that heartbeat
+    is recent enough (judged by the reader's clock when the list was taken)."""
+
+    replica_id: str
+    address: str
+    last_seen: datetime
+    served: Mapping[str, int]
+    live: bool
+
+    def acknowledges(self, index: str, generation: int) -> bool:
+        """Whether this replica has applied `generation` (or a later one) of `index`."""
+        applied = self.served.get(index)
+        return applied is not None and applied >= generation
+
+
+@dataclass(frozen=True)
+class EvaluationRecord:
+    """One evaluation run of a version against a query set (metric name -> value)."""
+
+    id: int
+    index: str
+    version: str
+    query_set: str
+    metrics: Mapping[str, float]
+    at: datetime
+    actor: str

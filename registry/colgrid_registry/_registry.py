@@ -1,30 +1,28 @@
-"""The registry: indexes, their versions (a small state machine) and one rollout per index.
+"""The registry: indexes, their versions (a small state machine), one rollout per index, the
+replicas serving them and evaluation results.
 
 Every public method is one transaction: it either happens completely or not at all. Rollout
 changes are compare-and-set on `generation` and write their audit entry in the same transaction.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import re
-import sqlite3
-from collections.abc import Mapping
-from datetime import datetime, timezone
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from colgrid_registry import _checks, _rollouts, _rows
+from colgrid_registry._db import Connection, Database
 from colgrid_registry._names import check_name
 from colgrid_registry._records import (
-    TRANSITIONS, AuditEntry, IndexRecord, Rollout, VersionRecord, VersionState)
+    TRANSITIONS, AuditEntry, EvaluationRecord, IndexRecord, ReplicaRecord, Rollout, VersionRecord,
+    VersionState)
 from colgrid_registry._schema import migrate
-from colgrid_registry._sqlite import Database, sqlite_path
+from colgrid_registry._sqlite import SQLiteDatabase, sqlite_path
 from colgrid_registry.errors import (
-    AlreadyExists, IndexNotFound, InvalidTransition, InvalidValue, GenerationConflict,
-    VersionNotFound, VersionNotReady)
+    AlreadyExists, GenerationConflict, InvalidTransition, InvalidValue, VersionNotReady)
 
 _ALLOCATED_NAME = re.compile(r"v([0-9]+)")
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def open_registry(url_or_path: str | Path, *, busy_timeout_s: float = 10.0) -> Registry:
@@ -33,8 +31,12 @@ def open_registry(url_or_path: str | Path, *, busy_timeout_s: float = 10.0) -> R
 
 
 class Registry:
-    def __init__(self, path: str | Path, *, busy_timeout_s: float = 10.0) -> None:
-        self._db = Database(Path(path), busy_timeout_s=busy_timeout_s)
+    def __init__(self, location: str | Path | Database, *, busy_timeout_s: float = 10.0) -> None:
+        """A path opens SQLite; any other `Database` (see `_db`) is used as given and closed
+        with the registry."""
+        if isinstance(location, (str, Path)):
+            location = SQLiteDatabase(Path(location), busy_timeout_s=busy_timeout_s)
+        self._db = location
         try:
             with self._db.transaction(write=True) as conn:
                 migrate(conn)
@@ -43,8 +45,9 @@ class Registry:
             raise
 
     @property
-    def path(self) -> Path:
-        return self._db.path
+    def path(self) -> Path | None:
+        """The SQLite file, or None when the registry lives in a database server."""
+        return getattr(self._db, "path", None)
 
     def close(self) -> None:
         self._db.close()
@@ -56,14 +59,14 @@ class Registry:
         self.close()
 
     def __repr__(self) -> str:
-        return f"Registry({str(self.path)!r})"
+        return f"Registry({self._db.location!r})"
 
     # -- indexes ---------------------------------------------------------------------------------
 
     def create_index(self, name: str) -> IndexRecord:
         check_name(name, kind="index")
         with self._db.transaction(write=True) as conn:
-            if _index_row(conn, name) is not None:
+            if _rows.index_row(conn, name) is not None:
                 raise AlreadyExists(f"index {name!r} already exists", resource_type="index",
                                     resource_name=name)
             return _insert_index(conn, name)
@@ -72,17 +75,17 @@ class Registry:
         """The index `name`, created (with an empty rollout) if it does not exist yet."""
         check_name(name, kind="index")
         with self._db.transaction(write=True) as conn:
-            row = _index_row(conn, name)
-            return _index(row) if row is not None else _insert_index(conn, name)
+            row = _rows.index_row(conn, name)
+            return _rows.index(row) if row is not None else _insert_index(conn, name)
 
     def get_index(self, name: str) -> IndexRecord:
         check_name(name, kind="index")
         with self._db.transaction(write=False) as conn:
-            return _index(_require_index(conn, name))
+            return _rows.index(_rows.require_index(conn, name))
 
     def list_indexes(self) -> list[IndexRecord]:
         with self._db.transaction(write=False) as conn:
-            return [_index(row) for row in conn.execute("SELECT * FROM indexes ORDER BY name")]
+            return [_rows.index(row) for row in conn.execute("SELECT * FROM indexes ORDER BY name")]
 
     # -- versions --------------------------------------------------------------------------------
 
@@ -93,11 +96,11 @@ class Registry:
         `storage_uri` may be None or "" when the location depends on the name: give it to
         mark_ready then."""
         check_name(index, kind="index")
-        values = _new_version_values(encoder_id, encoder_kind, dim, storage_uri, build_params)
+        values = _checks.new_version_values(encoder_id, encoder_kind, dim, storage_uri, build_params)
         with self._db.transaction(write=True) as conn:
-            _require_index(conn, index)
+            _rows.require_index(conn, index)
             taken = conn.execute("SELECT name FROM versions WHERE index_name = ?", (index,))
-            numbers = (int(m.group(1)) for (name,) in taken if (m := _ALLOCATED_NAME.fullmatch(name)))
+            numbers = (int(m.group(1)) for row in taken if (m := _ALLOCATED_NAME.fullmatch(row["name"])))
             return _insert_version(conn, index, f"v{max(numbers, default=0) + 1}", values)
 
     def create_version(self, index: str, version: str, *, encoder_id: str, encoder_kind: str,
@@ -105,10 +108,10 @@ class Registry:
         """A new BUILDING version with an explicit name (AlreadyExists if the index has it)."""
         check_name(index, kind="index")
         check_name(version, kind="version")
-        values = _new_version_values(encoder_id, encoder_kind, dim, storage_uri, build_params)
+        values = _checks.new_version_values(encoder_id, encoder_kind, dim, storage_uri, build_params)
         with self._db.transaction(write=True) as conn:
-            _require_index(conn, index)
-            if _version_row(conn, index, version) is not None:
+            _rows.require_index(conn, index)
+            if _rows.version_row(conn, index, version) is not None:
                 raise AlreadyExists(f"index {index!r} already has a version {version!r}",
                                     resource_type="index-version", resource_name=f"{index}/{version}")
             return _insert_version(conn, index, version, values)
@@ -118,17 +121,17 @@ class Registry:
         """BUILDING -> READY once the version is published; `storage_uri` replaces the one given
         at allocation and is required if none was given then."""
         changes: dict[str, Any] = {
-            "documents": _count(documents, "documents"),
-            "tokens": _count(tokens, "tokens"),
-            "manifest_sha256": _sha256(manifest_sha256),
+            "documents": _checks.count(documents, "documents"),
+            "tokens": _checks.count(tokens, "tokens"),
+            "manifest_sha256": _checks.sha256(manifest_sha256),
         }
         if storage_uri is not None:
-            changes["storage_uri"] = _text(storage_uri, "storage_uri")
+            changes["storage_uri"] = _checks.text(storage_uri, "storage_uri")
         return self._transition(index, version, VersionState.READY, changes)
 
     def mark_failed(self, index: str, version: str, error: str) -> VersionRecord:
         """BUILDING -> FAILED, keeping `error` for whoever looks at the version later."""
-        return self._transition(index, version, VersionState.FAILED, {"error": _text(error, "error")})
+        return self._transition(index, version, VersionState.FAILED, {"error": _checks.text(error, "error")})
 
     def mark_retired(self, index: str, version: str) -> VersionRecord:
         """READY -> RETIRED. Refused while the stable, canary or shadow pointer names the version
@@ -139,31 +142,31 @@ class Registry:
         check_name(index, kind="index")
         check_name(version, kind="version")
         with self._db.transaction(write=False) as conn:
-            return _version(_require_version(conn, index, version))
+            return _rows.version(_rows.require_version(conn, index, version))
 
     def list_versions(self, index: str) -> list[VersionRecord]:
         """All versions of `index`, oldest first."""
         check_name(index, kind="index")
         with self._db.transaction(write=False) as conn:
-            _require_index(conn, index)
+            _rows.require_index(conn, index)
             rows = conn.execute("SELECT * FROM versions WHERE index_name = ? ORDER BY seq", (index,))
-            return [_version(row) for row in rows]
+            return [_rows.version(row) for row in rows]
 
     def latest_ready(self, index: str) -> VersionRecord | None:
         """The most recently created READY version, or None."""
         check_name(index, kind="index")
         with self._db.transaction(write=False) as conn:
-            _require_index(conn, index)
+            _rows.require_index(conn, index)
             row = conn.execute("SELECT * FROM versions WHERE index_name = ? AND state = ? "
                                "ORDER BY seq DESC LIMIT 1", (index, VersionState.READY.value)).fetchone()
-            return None if row is None else _version(row)
+            return None if row is None else _rows.version(row)
 
     def _transition(self, index: str, version: str, target: VersionState,
                     changes: dict[str, Any]) -> VersionRecord:
         check_name(index, kind="index")
         check_name(version, kind="version")
         with self._db.transaction(write=True) as conn:
-            row = _require_version(conn, index, version)
+            row = _rows.require_version(conn, index, version)
             current = VersionState(row["state"])
             if target not in TRANSITIONS[current]:
                 allowed = ", ".join(sorted(s.value for s in TRANSITIONS[current])) or "none, it is final"
@@ -171,7 +174,7 @@ class Registry:
                                         f"become {target} (allowed from {current}: {allowed})",
                                         index=index, version=version)
             if target is VersionState.RETIRED:
-                serving = [r for r in _rollout(_require_rollout(conn, index)).roles(version) if r != "previous"]
+                serving = [r for r in _rows.require_rollout(conn, index).roles(version) if r != "previous"]
                 if serving:
                     raise InvalidTransition(f"version {version!r} is the {' and '.join(serving)} version of "
                                             f"index {index!r}; point the rollout elsewhere before retiring it",
@@ -179,200 +182,185 @@ class Registry:
             if target is VersionState.READY and row["storage_uri"] is None and "storage_uri" not in changes:
                 raise InvalidValue(f"version {version!r} of index {index!r} has no storage_uri yet; "
                                    f"pass storage_uri= to mark_ready", field="storage_uri")
-            columns = {"state": target.value, "updated_at": _stamp(_now()), **changes}
+            columns = {"state": target.value, "updated_at": _rows.stamp(_rows.now()), **changes}
             assignments = ", ".join(f"{column} = ?" for column in columns)
             conn.execute(f"UPDATE versions SET {assignments} WHERE index_name = ? AND name = ?",
                          (*columns.values(), index, version))
-            return _version(_require_version(conn, index, version))
+            return _rows.version(_rows.require_version(conn, index, version))
 
     # -- rollouts --------------------------------------------------------------------------------
+    # Each change: one write transaction; GenerationConflict if `expected_generation` is given and
+    # differs; otherwise the next generation, one audit entry (action = the method's name), and
+    # the new Rollout returned. The rules and their refusals live in `_rollouts`.
 
     def get_rollout(self, index: str) -> Rollout:
         check_name(index, kind="index")
         with self._db.transaction(write=False) as conn:
-            return _rollout(_require_rollout(conn, index))
+            return _rows.require_rollout(conn, index)
 
     def set_stable(self, index: str, version: str, *, expected_generation: int | None = None,
                    actor: str = "system", reason: str = "") -> Rollout:
-        """Point `stable` at a READY version; the old stable becomes previous_stable. With
-        `expected_generation`, refuse (GenerationConflict) if the rollout changed since it was
-        read. Setting the current stable again changes nothing (no new generation, no audit)."""
-        check_name(index, kind="index")
+        """Point `stable` at a READY version; the old stable becomes previous_stable, and a canary
+        or shadow naming `version` is cleared. Setting the current stable again changes nothing
+        (no new generation, no audit)."""
         check_name(version, kind="version")
-        if expected_generation is not None:
-            _count(expected_generation, "expected_generation")
-        with self._db.transaction(write=True) as conn:
-            before = _rollout(_require_rollout(conn, index))
-            if expected_generation is not None and expected_generation != before.generation:
-                raise GenerationConflict(index, expected=expected_generation, actual=before.generation)
-            state = VersionState(_require_version(conn, index, version)["state"])
-            if state is not VersionState.READY:
-                raise VersionNotReady(index, version, state.value)
-            if before.stable == version:
-                return before
-            return _update_rollout(conn, before, action="set_stable", actor=actor, reason=reason,
-                                   stable=version, previous_stable=before.stable)
+        return self._change_rollout(index, _rollouts.set_stable, version,
+                                    expected_generation=expected_generation, actor=actor, reason=reason)
+
+    def start_canary(self, index: str, version: str, percent: int, *, expected_generation: int | None = None,
+                     actor: str = "system", reason: str = "") -> Rollout:
+        """Send `percent`% of the traffic to a READY `version` beside stable. Refused when the
+        index has no stable, `version` is the stable, or a canary is already running."""
+        check_name(version, kind="version")
+        return self._change_rollout(index, _rollouts.start_canary, version, _checks.percent(percent),
+                                    expected_generation=expected_generation, actor=actor, reason=reason)
+
+    def set_canary_percent(self, index: str, percent: int, *, expected_generation: int | None = None,
+                           actor: str = "system", reason: str = "") -> Rollout:
+        """Change the running canary's share of the traffic (0..100)."""
+        return self._change_rollout(index, _rollouts.set_canary_percent, _checks.percent(percent),
+                                    expected_generation=expected_generation, actor=actor, reason=reason)
+
+    def set_shadow(self, index: str, version: str, percent: int = 100, *,
+                   expected_generation: int | None = None, actor: str = "system", reason: str = "") -> Rollout:
+        """Mirror `percent`% of the queries to a READY `version` (not the stable), replacing any
+        shadow; its answers are never returned."""
+        check_name(version, kind="version")
+        return self._change_rollout(index, _rollouts.set_shadow, version, _checks.percent(percent),
+                                    expected_generation=expected_generation, actor=actor, reason=reason)
+
+    def clear_shadow(self, index: str, *, expected_generation: int | None = None, actor: str = "system",
+                     reason: str = "") -> Rollout:
+        return self._change_rollout(index, _rollouts.clear_shadow, expected_generation=expected_generation,
+                                    actor=actor, reason=reason)
+
+    def promote(self, index: str, *, expected_generation: int | None = None, actor: str = "system",
+                reason: str = "") -> Rollout:
+        """canary -> stable; the old stable becomes previous_stable; the canary (and a shadow of
+        the promoted version) is cleared."""
+        return self._change_rollout(index, _rollouts.promote, expected_generation=expected_generation,
+                                    actor=actor, reason=reason)
+
+    def rollback(self, index: str, *, expected_generation: int | None = None, actor: str = "system",
+                 reason: str = "") -> Rollout:
+        """stable <-> previous_stable (a second rollback undoes the first) and any canary ends.
+        Refused (VersionNotReady) when previous_stable has been retired since."""
+        return self._change_rollout(index, _rollouts.rollback, expected_generation=expected_generation,
+                                    actor=actor, reason=reason)
+
+    def abort_canary(self, index: str, *, expected_generation: int | None = None, actor: str = "system",
+                     reason: str = "") -> Rollout:
+        """End the canary: all traffic back to stable."""
+        return self._change_rollout(index, _rollouts.abort_canary, expected_generation=expected_generation,
+                                    actor=actor, reason=reason)
 
     def audit_log(self, index: str, limit: int = 100) -> list[AuditEntry]:
         """The rollout changes of `index`, newest first."""
         check_name(index, kind="index")
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise InvalidValue(f"limit must be a positive integer, got {limit!r}", field="limit")
+        limit = _checks.count(limit, "limit", minimum=1)
         with self._db.transaction(write=False) as conn:
-            _require_index(conn, index)
+            _rows.require_index(conn, index)
             rows = conn.execute("SELECT * FROM audit_log WHERE index_name = ? ORDER BY id DESC LIMIT ?",
                                 (index, limit))
-            return [_audit(row) for row in rows]
+            return [_rows.audit(row) for row in rows]
+
+    def _change_rollout(self, index: str, rule: Callable[..., _rollouts.Changes | None], *arguments: Any,
+                        expected_generation: int | None, actor: str, reason: str) -> Rollout:
+        check_name(index, kind="index")
+        expected = _checks.expected_generation(expected_generation)
+        actor, reason = _checks.audit_fields(actor, reason)
+        with self._db.transaction(write=True) as conn:
+            before = _rows.require_rollout(conn, index)
+            if expected is not None and expected != before.generation:
+                raise GenerationConflict(index, expected=expected, actual=before.generation)
+
+            def ready(version: str, why: str) -> None:
+                state = _rows.version_state(conn, index, version)
+                if state is not VersionState.READY:
+                    raise VersionNotReady(index, version, state.value, why=why)
+
+            changes = rule(before, ready, *arguments)
+            if changes is None:
+                return before
+            return _rollouts.write_rollout(conn, before, changes, action=rule.__name__, actor=actor,
+                                          reason=reason)
+
+    # -- replicas --------------------------------------------------------------------------------
+
+    def heartbeat(self, replica_id: str, *, address: str, served: Mapping[str, int]) -> None:
+        """Record that `replica_id` (at `address`) is alive and serves `served` = {index:
+        generation applied}. Replaces what it reported before."""
+        values = (_checks.text(replica_id, "replica_id"), _checks.text(address, "address"),
+                  _checks.served(served), _rows.stamp(_rows.now()))
+        with self._db.transaction(write=True) as conn:
+            conn.execute("INSERT INTO replicas (replica_id, address, served_json, last_seen) "
+                         "VALUES (?, ?, ?, ?) ON CONFLICT (replica_id) DO UPDATE SET "
+                         "address = excluded.address, served_json = excluded.served_json, "
+                         "last_seen = excluded.last_seen", values)
+
+    def list_replicas(self, *, live_within_s: float = 30.0) -> list[ReplicaRecord]:
+        """Every replica that has sent a heartbeat and not been forgotten, by id; `live` when its
+        last heartbeat is at most `live_within_s` old by this process's clock."""
+        window = _checks.positive_seconds(live_within_s, "live_within_s")
+        with self._db.transaction(write=False) as conn:
+            rows = list(conn.execute("SELECT * FROM replicas ORDER BY replica_id"))
+        as_of = _rows.now()
+        return [_rows.replica(row, as_of=as_of, live_within_s=window) for row in rows]
+
+    def forget_replica(self, replica_id: str) -> bool:
+        """Drop a replica (one that is gone for good); False when there was none of that id."""
+        replica_id = _checks.text(replica_id, "replica_id")
+        with self._db.transaction(write=True) as conn:
+            return conn.execute("DELETE FROM replicas WHERE replica_id = ?", (replica_id,)).rowcount == 1
+
+    # -- evaluations -----------------------------------------------------------------------------
+
+    def record_evaluation(self, index: str, version: str, *, metrics: Mapping[str, float], query_set: str,
+                          actor: str = "system") -> EvaluationRecord:
+        """Store one evaluation of a READY (or since retired) version: `metrics` maps a metric
+        name (e.g. "ndcg@10") to its value on the query set named `query_set`."""
+        check_name(index, kind="index")
+        check_name(version, kind="version")
+        metrics_json = _checks.metrics(metrics)
+        query_set = _checks.text(query_set, "query_set")
+        actor = _checks.text(actor, "actor")
+        with self._db.transaction(write=True) as conn:
+            state = _rows.version_state(conn, index, version)
+            if state not in (VersionState.READY, VersionState.RETIRED):
+                raise VersionNotReady(index, version, state.value,
+                                      why="only a READY version can be evaluated; wait for its build to finish")
+            new_id = _rows.next_id(conn, "evaluations")
+            conn.execute("INSERT INTO evaluations (id, index_name, version, query_set, metrics_json, at, "
+                         "actor) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                         (new_id, index, version, query_set, metrics_json, _rows.stamp(_rows.now()), actor))
+            row = conn.execute("SELECT * FROM evaluations WHERE id = ?", (new_id,)).fetchone()
+            return _rows.evaluation(row)
+
+    def evaluations(self, index: str, version: str) -> list[EvaluationRecord]:
+        """The evaluations stored for `version`, newest first."""
+        check_name(index, kind="index")
+        check_name(version, kind="version")
+        with self._db.transaction(write=False) as conn:
+            _rows.require_version(conn, index, version)
+            rows = conn.execute("SELECT * FROM evaluations WHERE index_name = ? AND version = ? "
+                                "ORDER BY id DESC", (index, version))
+            return [_rows.evaluation(row) for row in rows]
 
 
-# -- rows <-> records (module level: they only need a connection) --------------------------------
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def _stamp(moment: datetime) -> str:
-    return moment.astimezone(timezone.utc).isoformat(timespec="microseconds")
-
-
-def _moment(text: str) -> datetime:
-    return datetime.fromisoformat(text)
-
-
-def _index_row(conn: sqlite3.Connection, name: str) -> sqlite3.Row | None:
-    return conn.execute("SELECT * FROM indexes WHERE name = ?", (name,)).fetchone()
-
-
-def _require_index(conn: sqlite3.Connection, name: str) -> sqlite3.Row:
-    row = _index_row(conn, name)
-    if row is None:
-        raise IndexNotFound(name)
-    return row
-
-
-def _version_row(conn: sqlite3.Connection, index: str, version: str) -> sqlite3.Row | None:
-    return conn.execute("SELECT * FROM versions WHERE index_name = ? AND name = ?",
-                        (index, version)).fetchone()
-
-
-def _require_version(conn: sqlite3.Connection, index: str, version: str) -> sqlite3.Row:
-    row = _version_row(conn, index, version)
-    if row is None:
-        _require_index(conn, index)
-        raise VersionNotFound(index, version)
-    return row
-
-
-def _require_rollout(conn: sqlite3.Connection, index: str) -> sqlite3.Row:
-    row = conn.execute("SELECT * FROM rollouts WHERE index_name = ?", (index,)).fetchone()
-    if row is None:  # every index gets its rollout in the same transaction
-        raise IndexNotFound(index)
-    return row
-
-
-def _insert_index(conn: sqlite3.Connection, name: str) -> IndexRecord:
-    stamp = _stamp(_now())
+def _insert_index(conn: Connection, name: str) -> IndexRecord:
+    stamp = _rows.stamp(_rows.now())
     conn.execute("INSERT INTO indexes (name, created_at) VALUES (?, ?)", (name, stamp))
     conn.execute("INSERT INTO rollouts (index_name, canary_percent, shadow_percent, generation, "
                  "updated_at) VALUES (?, 0, 0, 0, ?)", (name, stamp))
-    return _index(_require_index(conn, name))
+    return _rows.index(_rows.require_index(conn, name))
 
 
-def _insert_version(conn: sqlite3.Connection, index: str, version: str,
-                    values: dict[str, Any]) -> VersionRecord:
-    (seq,) = conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM versions WHERE index_name = ?",
-                          (index,)).fetchone()
-    stamp = _stamp(_now())
+def _insert_version(conn: Connection, index: str, version: str, values: dict[str, Any]) -> VersionRecord:
+    seq = conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 AS next_seq FROM versions WHERE index_name = ?",
+                       (index,)).fetchone()["next_seq"]
+    stamp = _rows.stamp(_rows.now())
     columns = {"index_name": index, "name": version, "seq": seq, "state": VersionState.BUILDING.value,
                **values, "created_at": stamp, "updated_at": stamp}
     conn.execute(f"INSERT INTO versions ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
                  tuple(columns.values()))
-    return _version(_require_version(conn, index, version))
-
-
-def _update_rollout(conn: sqlite3.Connection, before: Rollout, *, action: str, actor: str,
-                    reason: str, **changes: Any) -> Rollout:
-    """Write `changes` as the next generation and audit them. The WHERE on generation keeps
-    this a compare-and-set even on a database whose reads do not take the write lock."""
-    actor = _text(actor, "actor")
-    if not isinstance(reason, str):
-        raise InvalidValue(f"reason must be a string, got {type(reason).__name__}", field="reason")
-    now = _now()
-    after = dataclasses.replace(before, **changes, generation=before.generation + 1, updated_at=now)
-    pointers = after.pointers()
-    assignments = ", ".join(f"{column} = ?" for column in pointers)
-    updated = conn.execute(
-        f"UPDATE rollouts SET {assignments}, updated_at = ? WHERE index_name = ? AND generation = ?",
-        (*pointers.values(), _stamp(now), before.index, before.generation)).rowcount
-    if updated != 1:
-        actual = _rollout(_require_rollout(conn, before.index)).generation
-        raise GenerationConflict(before.index, expected=before.generation, actual=actual)
-    conn.execute(
-        "INSERT INTO audit_log (id, index_name, at, actor, action, reason, before_json, after_json) "
-        "SELECT COALESCE(MAX(id), 0) + 1, ?, ?, ?, ?, ?, ?, ? FROM audit_log",
-        (before.index, _stamp(now), actor, action, reason,
-         json.dumps(before.pointers(), sort_keys=True), json.dumps(pointers, sort_keys=True)))
-    return after
-
-
-def _index(row: sqlite3.Row) -> IndexRecord:
-    return IndexRecord(name=row["name"], created_at=_moment(row["created_at"]))
-
-
-def _version(row: sqlite3.Row) -> VersionRecord:
-    return VersionRecord(
-        index=row["index_name"], version=row["name"], state=VersionState(row["state"]),
-        encoder_id=row["encoder_id"], encoder_kind=row["encoder_kind"], dim=row["dim"],
-        documents=row["documents"], tokens=row["tokens"], storage_uri=row["storage_uri"],
-        build_params=json.loads(row["build_params"]), manifest_sha256=row["manifest_sha256"],
-        created_at=_moment(row["created_at"]), updated_at=_moment(row["updated_at"]), error=row["error"])
-
-
-def _rollout(row: sqlite3.Row) -> Rollout:
-    return Rollout(
-        index=row["index_name"], stable=row["stable"], canary=row["canary"],
-        canary_percent=row["canary_percent"], shadow=row["shadow"], shadow_percent=row["shadow_percent"],
-        previous_stable=row["previous_stable"], generation=row["generation"],
-        updated_at=_moment(row["updated_at"]))
-
-
-def _audit(row: sqlite3.Row) -> AuditEntry:
-    return AuditEntry(id=row["id"], index=row["index_name"], at=_moment(row["at"]), actor=row["actor"],
-                      action=row["action"], reason=row["reason"], before=json.loads(row["before_json"]),
-                      after=json.loads(row["after_json"]))
-
-
-# -- argument checks (before any transaction starts) ---------------------------------------------
-
-def _text(value: object, field: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise InvalidValue(f"{field} must be a non-empty string, got {value!r}", field=field)
-    return value
-
-
-def _count(value: object, field: str, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise InvalidValue(f"{field} must be an integer >= {minimum}, got {value!r}", field=field)
-    return value
-
-
-def _sha256(value: object) -> str:
-    if not isinstance(value, str) or not _SHA256.fullmatch(value):
-        raise InvalidValue(f"manifest_sha256 must be 64 lowercase hex digits, got {value!r}",
-                           field="manifest_sha256")
-    return value
-
-
-def _new_version_values(encoder_id: str, encoder_kind: str, dim: int, storage_uri: str | None,
-                        build_params: Mapping[str, Any]) -> dict[str, Any]:
-    if not isinstance(build_params, Mapping):
-        raise InvalidValue(f"build_params must be a mapping, got {type(build_params).__name__}",
-                           field="build_params")
-    try:
-        params = json.dumps(dict(build_params), sort_keys=True, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise InvalidValue(f"build_params must be JSON-serialisable: {exc}", field="build_params") from exc
-    return {"encoder_id": _text(encoder_id, "encoder_id"), "encoder_kind": _text(encoder_kind, "encoder_kind"),
-            "dim": _count(dim, "dim", minimum=1),
-            "storage_uri": _text(storage_uri, "storage_uri") if storage_uri else None,
-            "build_params": params}
+    return _rows.version(_rows.require_version(conn, index, version))

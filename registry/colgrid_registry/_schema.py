@@ -7,10 +7,10 @@ that has shipped; append a new one.
 """
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+from colgrid_registry._db import Connection
 from colgrid_registry.errors import IncompatibleSchema
 
 
@@ -79,16 +79,38 @@ MIGRATIONS: tuple[Migration, ...] = (
         """INSERT INTO rollouts (index_name, canary_percent, shadow_percent, generation, updated_at)
 SELECT name, 0, 0, 0, created_at FROM indexes""",
     )),
+    Migration(3, "replicas: who serves which generation", (
+        # served_json: {"index": generation, ...} as the replica last reported it.
+        """CREATE TABLE replicas (
+    replica_id TEXT PRIMARY KEY,
+    address TEXT NOT NULL,
+    served_json TEXT NOT NULL,
+    last_seen TEXT NOT NULL
+)""",
+    )),
+    Migration(4, "evaluation results per version", (
+        """CREATE TABLE evaluations (
+    id BIGINT PRIMARY KEY,
+    index_name TEXT NOT NULL,
+    version TEXT NOT NULL,
+    query_set TEXT NOT NULL,
+    metrics_json TEXT NOT NULL,
+    at TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    FOREIGN KEY (index_name, version) REFERENCES versions (index_name, name)
+)""",
+        "CREATE INDEX evaluations_by_version ON evaluations (index_name, version, id)",
+    )),
 )
 
 LATEST = MIGRATIONS[-1].version
 
 
-def applied_versions(conn: sqlite3.Connection) -> list[int]:
+def applied_versions(conn: Connection) -> list[int]:
     return [row[0] for row in conn.execute("SELECT version FROM schema_migrations ORDER BY version")]
 
 
-def migrate(conn: sqlite3.Connection, migrations: tuple[Migration, ...] = MIGRATIONS) -> list[int]:
+def migrate(conn: Connection, migrations: tuple[Migration, ...] = MIGRATIONS) -> list[int]:
     """Apply the migrations missing from `conn`; returns their versions. The caller owns the
     transaction, so a failure leaves the database as it was."""
     conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations ("

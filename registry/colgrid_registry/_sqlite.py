@@ -39,7 +39,9 @@ def sqlite_path(location: str | Path) -> Path:
     return Path(rest)
 
 
-class Database:
+class SQLiteDatabase:
+    """The embedded backend of `_db.Database`."""
+
     def __init__(self, path: Path, *, busy_timeout_s: float) -> None:
         self.path = path
         self._lock = threading.RLock()
@@ -57,6 +59,10 @@ class Database:
             conn.close()
             raise RegistryError(f"cannot open registry database {path}: {exc}") from exc
         self._conn: sqlite3.Connection | None = conn
+
+    @property
+    def location(self) -> str:
+        return str(self.path)
 
     @contextmanager
     def transaction(self, *, write: bool) -> Iterator[sqlite3.Connection]:

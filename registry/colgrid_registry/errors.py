@@ -8,7 +8,8 @@ server maps each class to one gRPC status in `colgrid_server.service.status`.
     ├── InvalidValue (ValueError)            bad argument; `.field` names it
     │   └── InvalidName                      index/version name outside ^[a-z0-9][a-z0-9._-]{0,62}$
     ├── VersionNotReady                      a rollout pointer may only go to a READY version
-    ├── InvalidTransition                    state change not allowed (READY -> BUILDING, retire stable)
+    ├── InvalidTransition                    state change not allowed (READY -> BUILDING, retire
+    │                                        stable, promote without a canary, ...)
     ├── GenerationConflict                   compare-and-set lost: `.expected` != `.actual`
     └── IncompatibleSchema                   database written by a newer colgrid
 
@@ -67,9 +68,10 @@ class InvalidName(InvalidValue):
 class VersionNotReady(RegistryError):
     code = "VERSION_NOT_READY"
 
-    def __init__(self, index: str, version: str, state: str) -> None:
-        super().__init__(f"version {version!r} of index {index!r} is {state}; "
-                         f"a rollout pointer may only go to a READY version")
+    def __init__(self, index: str, version: str, state: str, *,
+                 why: str = "a rollout pointer may only go to a READY version") -> None:
+        # `why` says what needed the version READY and, where there is one, what to do instead.
+        super().__init__(f"version {version!r} of index {index!r} is {state}; {why}")
         self.index = index
         self.version = version
         self.state = state
@@ -78,10 +80,10 @@ class VersionNotReady(RegistryError):
 class InvalidTransition(RegistryError):
     code = "INVALID_TRANSITION"
 
-    def __init__(self, message: str, *, index: str, version: str) -> None:
+    def __init__(self, message: str, *, index: str, version: str | None = None) -> None:
         super().__init__(message)
         self.index = index
-        self.version = version
+        self.version = version  # None when the refused change names no version (promote, ...)
 
 
 class GenerationConflict(RegistryError):
