@@ -1,10 +1,15 @@
-"""Plain-text tables the CLI prints for `colgrid registry list|show`."""
+"""Plain-text views the CLI prints for `colgrid registry list|show`, `colgrid rollout
+status|history` and `colgrid eval`."""
 from __future__ import annotations
 
+import re
 from datetime import datetime, timezone
 
-from colgrid_registry import IndexRecord, Rollout, VersionRecord, VersionState
-from colgrid_registry.format import format_indexes, format_version, format_versions
+from colgrid_registry import (
+    AuditEntry, EvaluationRecord, IndexRecord, ReplicaRecord, Rollout, VersionRecord, VersionState)
+from colgrid_registry.format import (
+    format_audit, format_evaluations, format_indexes, format_replicas, format_rollout, format_version,
+    format_versions)
 
 AT = datetime(2025, 3, 4, 5, 6, 7, tzinfo=timezone.utc)
 
@@ -66,3 +71,85 @@ def test_version_details_list_every_field() -> None:
         "encoder_kind": "colbert", "dim": "384", "documents": "12", "tokens": "3456",
         "storage_uri": "/data/docs/v4", "manifest_sha256": "-", "build_params": '{"nprobe": 4}',
         "created_at": "2025-03-04 05:06:07Z", "updated_at": "2025-03-04 05:06:07Z", "error": "disk full"}
+
+
+def cells(row: str) -> list[str]:
+    """The cells of a table row (columns are separated by at least two spaces)."""
+    return re.split(r"\s{2,}", row.strip())
+
+
+def fields_of(text: str) -> dict[str, str]:
+    return {k: v.strip() for k, v in (line.split(":", 1) for line in text.splitlines())}
+
+
+def test_rollout_status_shows_every_pointer_with_its_percent() -> None:
+    text = format_rollout(rollout(stable="v2", canary="v3", canary_percent=10, shadow="v4", shadow_percent=100,
+                                  previous_stable="v1", generation=7))
+    assert fields_of(text) == {"index": "docs", "generation": "7", "stable": "v2", "canary": "v3 (10%)",
+                               "shadow": "v4 (100%)", "previous_stable": "v1",
+                               "updated_at": "2025-03-04 05:06:07Z"}
+
+
+def test_empty_rollout_status_shows_dashes() -> None:
+    fields = fields_of(format_rollout(rollout()))
+    assert [fields[k] for k in ("stable", "canary", "shadow", "previous_stable")] == ["-"] * 4
+
+
+def audit_entry(action: str, before: dict, after: dict, reason: str = "") -> AuditEntry:
+    return AuditEntry(id=1, index="docs", at=AT, actor="alice", action=action, reason=reason,
+                      before=rollout(**before).pointers(), after=rollout(**after).pointers())
+
+
+def test_audit_history_shows_generation_action_actor_changed_pointers_and_reason() -> None:
+    entry = audit_entry("start_canary", {"stable": "v1", "generation": 3},
+                        {"stable": "v1", "canary": "v2", "canary_percent": 10, "generation": 4},
+                        reason="try the\nnew encoder")
+    header, row = format_audit([entry]).splitlines()
+    assert header.split() == ["GEN", "AT", "ACTION", "ACTOR", "CHANGES", "REASON"]
+    assert cells(row) == ["4", "2025-03-04 05:06:07Z", "start_canary", "alice",
+                          "canary: - -> v2; canary_percent: 0 -> 10", "try the new encoder"]
+
+
+def test_audit_history_keeps_the_order_given_and_marks_an_empty_reason() -> None:
+    entries = [audit_entry("rollback", {"stable": "v2", "previous_stable": "v1", "generation": 5},
+                           {"stable": "v1", "previous_stable": "v2", "generation": 6}),
+               audit_entry("promote", {"stable": "v1", "canary": "v2", "canary_percent": 50, "generation": 4},
+                           {"stable": "v2", "previous_stable": "v1", "generation": 5})]
+    rows = format_audit(entries).splitlines()[1:]
+    assert [cells(row)[2] for row in rows] == ["rollback", "promote"]
+    assert cells(rows[0])[4:] == ["stable: v2 -> v1; previous_stable: v1 -> v2", "-"]
+
+
+def replica(replica_id: str, served: dict, live: bool = True) -> ReplicaRecord:
+    return ReplicaRecord(replica_id, f"{replica_id}.local:50051", AT, served, live)
+
+
+def test_replica_table_shows_liveness_and_served_generations() -> None:
+    table = format_replicas([replica("a", {"faq": 2, "docs": 7}), replica("b", {}, live=False)])
+    header, a, b = table.splitlines()
+    assert header.split() == ["REPLICA", "ADDRESS", "STATE", "LAST", "SEEN", "SERVES"]
+    assert a.split() == ["a", "a.local:50051", "live", "2025-03-04", "05:06:07Z", "docs@7,", "faq@2"]
+    assert b.split()[2] == "stale" and b.split()[-1] == "-"
+
+
+def test_replica_table_with_a_rollout_says_which_replicas_acknowledged_it() -> None:
+    table = format_replicas([replica("a", {"docs": 8}), replica("b", {"docs": 7}), replica("c", {"faq": 9})],
+                            rollout=rollout(generation=7 + 1))
+    lines = table.splitlines()
+    assert lines[0].split()[-1] == "ACK"
+    assert [cells(line)[-1] for line in lines[1:]] == ["yes", "no (serves 7)", "no (not serving)"]
+
+
+def test_evaluation_table_lists_metrics_sorted_by_name() -> None:
+    record = EvaluationRecord(id=1, index="docs", version="v2", query_set="scifact-dev",
+                              metrics={"recall@100": 0.93, "ndcg@10": 0.61234, "queries": 300.0}, at=AT,
+                              actor="bob")
+    header, row = format_evaluations([record]).splitlines()
+    assert header.split() == ["AT", "QUERY", "SET", "ACTOR", "METRICS"]
+    assert row.split()[2:] == ["scifact-dev", "bob", "ndcg@10=0.6123", "queries=300", "recall@100=0.93"]
+
+
+def test_empty_rollout_views_say_so() -> None:
+    assert format_audit([]) == "(no rollout changes)"
+    assert format_replicas([]) == "(no replicas)"
+    assert format_evaluations([]) == "(no evaluations)"

@@ -52,6 +52,35 @@ def test_opening_an_older_database_upgrades_it_and_keeps_its_data(tmp_path: Path
     assert applied(path) == list(range(1, SCHEMA_VERSION + 1))
 
 
+def test_opening_a_schema_2_database_adds_replicas_and_evaluations_and_keeps_rollouts(tmp_path: Path) -> None:
+    path = tmp_path / "registry.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("BEGIN")
+    migrate(conn, MIGRATIONS[:2])
+    at = "2024-01-02T03:04:05.000000+00:00"
+    conn.execute("INSERT INTO indexes (name, created_at) VALUES ('docs', ?)", (at,))
+    for seq in (1, 2):
+        conn.execute("INSERT INTO versions (index_name, name, seq, state, encoder_id, encoder_kind, dim, "
+                     "documents, tokens, storage_uri, build_params, manifest_sha256, created_at, updated_at) "
+                     "VALUES ('docs', ?, ?, 'READY', 'enc', 'colbert', 4, 1, 1, '/x', '{}', ?, ?, ?)",
+                     (f"v{seq}", seq, "ab" * 32, at, at))
+    conn.execute("INSERT INTO rollouts (index_name, stable, canary_percent, shadow_percent, generation, "
+                 "updated_at) VALUES ('docs', 'v1', 0, 0, 3, ?)", (at,))
+    conn.execute("INSERT INTO audit_log VALUES (1, 'docs', ?, 'bob', 'set_stable', '', '{}', '{}')", (at,))
+    conn.execute("COMMIT")
+    conn.close()
+    with open_registry(path) as reg:
+        rollout = reg.get_rollout("docs")
+        assert (rollout.stable, rollout.generation) == ("v1", 3)
+        assert reg.start_canary("docs", "v2", 10, expected_generation=3).generation == 4
+        assert [(e.id, e.action) for e in reg.audit_log("docs")] == [(2, "start_canary"), (1, "set_stable")]
+        reg.heartbeat("replica-a", address="a:1", served={"docs": 4})
+        assert reg.list_replicas()[0].acknowledges("docs", 4)
+        reg.record_evaluation("docs", "v2", metrics={"ndcg@10": 0.5}, query_set="qs")
+        assert len(reg.evaluations("docs", "v2")) == 1
+    assert applied(path) == [1, 2, 3, 4] == list(range(1, SCHEMA_VERSION + 1))
+
+
 def test_a_database_from_a_newer_colgrid_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "registry.db"
     open_registry(path).close()
