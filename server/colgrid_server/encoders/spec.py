@@ -19,6 +19,10 @@ from colgrid_server.errors import FailedPrecondition, InvalidArgument, NotFound
 SPEC_FILE = "encoder.json"
 FORMAT_VERSION = 1
 KINDS = ("colbert", "colpali", "colqwen2")
+MULTIMODAL_KINDS = ("colpali", "colqwen2")
+PADDING_SIDES = ("left", "right")
+RESIZE_MODES = ("smart", "fixed")
+RESAMPLE_FILTERS = ("bicubic", "bilinear", "lanczos", "nearest")
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,102 @@ class ParityFigures:
 
 
 @dataclass(frozen=True)
+class ImageParity:
+    """Image graph (ONNX) vs PyTorch on the export's sample images, over image-patch rows only.
+    `sizes`: (width, height) of each sample image. `preprocess_max_abs_diff`: serve-time numpy/PIL
+    pixel values vs the Hugging Face processor's on the same images (resize filters differ slightly).
+    `end_to_end_min_cosine`: serve-time preprocessing + ONNX vs the processor + PyTorch."""
+
+    min_patch_cosine: float
+    max_abs_diff: float
+    images: int
+    patches: int
+    sizes: tuple[tuple[int, int], ...] = ()
+    preprocess_max_abs_diff: float = 0.0
+    end_to_end_min_cosine: float = 1.0
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ImageParity:
+        values = dict(raw)
+        values["sizes"] = tuple(tuple(int(v) for v in size) for size in values.get("sizes", ()))
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """How a page image becomes the image graph's inputs (multimodal encoders only).
+
+    `prompt_ids`: the token ids the checkpoint's processor puts around an image, with the image
+    placeholder (`image_token_id`) once; serving repeats it once per (merged) patch. `resize`:
+    "smart" (Qwen2-VL: keep the aspect ratio, both sides multiples of patch_size * merge_size,
+    area within [min_pixels, max_pixels]) or "fixed" (PaliGemma: height x width). Pixels are
+    multiplied by `rescale_factor`, then normalised with `mean`/`std` per channel (RGB).
+    `temporal_patch_size` > 1 repeats each image in time (Qwen2-VL treats images as 2-frame clips).
+    `prompt_type_ids`: per prompt position, the graph's token_type_ids (PaliGemma) or empty.
+    """
+
+    prompt: str
+    prompt_ids: tuple[int, ...]
+    image_token: str
+    image_token_id: int
+    resize: str
+    patch_size: int
+    merge_size: int = 1
+    temporal_patch_size: int = 1
+    min_pixels: int = 0
+    max_pixels: int = 0
+    height: int = 0
+    width: int = 0
+    resample: str = "bicubic"
+    rescale_factor: float = 1 / 255
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    prompt_type_ids: tuple[int, ...] = ()
+    onnx: str = "image.onnx"
+    parity: ImageParity | None = None
+
+    def __post_init__(self) -> None:
+        if self.resize not in RESIZE_MODES:
+            raise InvalidArgument(f"image resize must be one of {RESIZE_MODES}, got {self.resize!r}", field="image.resize")
+        if self.resample not in RESAMPLE_FILTERS:
+            raise InvalidArgument(f"image resample must be one of {RESAMPLE_FILTERS}, got {self.resample!r}",
+                                  field="image.resample")
+        if list(self.prompt_ids).count(self.image_token_id) != 1:
+            raise InvalidArgument("image prompt_ids must hold the image token id exactly once",
+                                  field="image.prompt_ids")
+        if self.prompt_type_ids and len(self.prompt_type_ids) != len(self.prompt_ids):
+            raise InvalidArgument("image prompt_type_ids must have one entry per prompt id",
+                                  field="image.prompt_type_ids")
+        for field in ("patch_size", "merge_size", "temporal_patch_size"):
+            if getattr(self, field) < 1:
+                raise InvalidArgument(f"image {field} must be at least 1, got {getattr(self, field)}",
+                                      field=f"image.{field}")
+        if self.resize == "smart" and not 0 < self.min_pixels <= self.max_pixels:
+            raise InvalidArgument(f"smart resize needs 0 < min_pixels <= max_pixels, got {self.min_pixels}, "
+                                  f"{self.max_pixels}", field="image.max_pixels")
+        block = self.patch_size * self.merge_size
+        if self.resize == "fixed" and (self.height < block or self.width < block or
+                                       self.height % block or self.width % block):
+            raise InvalidArgument(f"fixed resize needs height and width that are multiples of {block}, got "
+                                  f"{self.height}x{self.width}", field="image.height")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise InvalidArgument("image mean and std need three values (RGB), std positive", field="image.std")
+        _check_file_name("image.onnx", self.onnx)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ImageSpec:
+        values = dict(raw)
+        for key in ("prompt_ids", "prompt_type_ids"):
+            values[key] = tuple(int(v) for v in values.get(key, ()))
+        for key in ("mean", "std"):
+            if key in values:
+                values[key] = tuple(float(v) for v in values[key])
+        if values.get("parity") is not None:
+            values["parity"] = ImageParity.from_dict(values["parity"])
+        return cls(**values)
+
+
+@dataclass(frozen=True)
 class EncoderSpec:
     """Contents of `encoder.json`.
 
@@ -41,6 +141,11 @@ class EncoderSpec:
     up to `query_max_length` (ColBERT query augmentation; the masks are not attended to).
     `normalize` says whether the graph already L2-normalises its rows (serving normalises if not).
     `skip_special_tokens` drops template rows ([CLS], [SEP]) so every text row has a span.
+    `query_suffix` is text appended to every query and kept (ColPali/ColQwen2 append ten padding
+    tokens that are attended to, their form of query augmentation). `padding_side` is where
+    batches are padded (ColQwen2 pads left, as its processor does). `image` describes the image
+    path of multimodal encoders (kinds colpali, colqwen2); text there runs through `query_onnx`.
+    `extra_files`: other files the graphs need (external weights of graphs over 2 GB).
     """
 
     kind: str
@@ -63,6 +168,10 @@ class EncoderSpec:
     source_sha256: str = ""
     exported_with: str = ""
     parity: ParityFigures | None = None
+    query_suffix: str = ""
+    padding_side: str = "right"
+    image: ImageSpec | None = None
+    extra_files: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -73,15 +182,26 @@ class EncoderSpec:
         for field in ("query_max_length", "document_max_length"):
             if getattr(self, field) < 3:
                 raise InvalidArgument(f"{field} must be at least 3, got {getattr(self, field)}", field=field)
-        # File names come from a file on disk: never let them point outside the directory.
         for field in ("query_onnx", "document_onnx", "tokenizer_file"):
-            value = getattr(self, field)
-            if not value or Path(value).name != value or value in (".", ".."):
-                raise InvalidArgument(f"{field} must be a plain file name, got {value!r}", field=field)
+            _check_file_name(field, getattr(self, field))
+        for name in self.extra_files:
+            _check_file_name("extra_files", name)
+        if self.padding_side not in PADDING_SIDES:
+            raise InvalidArgument(f"padding_side must be one of {PADDING_SIDES}, got {self.padding_side!r}",
+                                  field="padding_side")
+        if (self.kind in MULTIMODAL_KINDS) != (self.image is not None):
+            raise InvalidArgument(f"{self.kind} encoders {'need' if self.image is None else 'take no'} an image "
+                                  "section", field="image")
+
+    @property
+    def multimodal(self) -> bool:
+        return self.image is not None
 
     def files(self) -> tuple[str, ...]:
         """Files this spec needs next to `encoder.json`."""
-        return tuple(dict.fromkeys((self.tokenizer_file, self.query_onnx, self.document_onnx)))
+        image = (self.image.onnx,) if self.image is not None else ()
+        return tuple(dict.fromkeys((self.tokenizer_file, self.query_onnx, self.document_onnx, *image,
+                                    *self.extra_files)))
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
@@ -95,7 +215,17 @@ class EncoderSpec:
         values = dict(raw)
         if values.get("parity") is not None:
             values["parity"] = ParityFigures(**values["parity"])
+        if values.get("image") is not None:
+            values["image"] = ImageSpec.from_dict(values["image"])
+        if "extra_files" in values:
+            values["extra_files"] = tuple(values["extra_files"])
         return cls(**values)
+
+
+def _check_file_name(field: str, value: str) -> None:
+    # File names come from a file on disk: never let them point outside the directory.
+    if not isinstance(value, str) or not value or Path(value).name != value or value in (".", ".."):
+        raise InvalidArgument(f"{field} must be a plain file name, got {value!r}", field=field)
 
 
 def load_spec(directory: str | Path) -> EncoderSpec:

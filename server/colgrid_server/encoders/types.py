@@ -20,3 +20,26 @@ class EncodedText:
         n = self.vectors.shape[0]
         if self.vectors.ndim != 2 or len(self.tokens) != n or self.spans.shape != (n, 2):
             raise ValueError("EncodedText: vectors, tokens and spans must have one row per token")
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """One image's multi-vector, one row per (merged) patch, rows in row-major grid order.
+
+    vectors: float32 (n, dim), L2-normalised. patches: int32 (n, 2), each row's (row, col) in the
+    patch grid. grid: (rows, cols) of that grid, rows * cols == n. boxes: int32 (n, 4), each
+    patch's pixel box (x0, y0, x1, y1) on the ORIGINAL image, end-exclusive; the boxes tile the
+    image. size: (width, height) of the original image.
+    """
+
+    vectors: np.ndarray
+    patches: np.ndarray
+    grid: tuple[int, int]
+    boxes: np.ndarray
+    size: tuple[int, int]
+
+    def __post_init__(self) -> None:
+        n = self.vectors.shape[0]
+        if self.vectors.ndim != 2 or self.patches.shape != (n, 2) or self.boxes.shape != (n, 4) \
+                or self.grid[0] * self.grid[1] != n:
+            raise ValueError("EncodedImage: vectors, patches and boxes must have one row per grid cell")
