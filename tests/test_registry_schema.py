@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from colgrid_registry import (
-    SCHEMA_VERSION, IncompatibleSchema, InvalidValue, RegistryError, open_registry)
+    SCHEMA_VERSION, IncompatibleSchema, InvalidValue, Registry, RegistryError, open_registry)
 from colgrid_registry._schema import MIGRATIONS, migrate
 
 
@@ -149,3 +149,17 @@ def test_a_file_that_is_not_a_database_raises_a_registry_error(tmp_path: Path) -
     path.write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(RegistryError, match="cannot open registry"):
         open_registry(path)
+
+
+def test_a_registry_runs_on_a_database_object_it_is_given_and_closes_it(tmp_path: Path) -> None:
+    """The backend seam (colgrid_registry._db.Database): a server-database backend plugs in here."""
+    from colgrid_registry._sqlite import SQLiteDatabase
+
+    database = SQLiteDatabase(tmp_path / "given.db", busy_timeout_s=1.0)
+    with Registry(database) as reg:
+        reg.create_index("docs")
+        assert reg.path == tmp_path / "given.db"
+    with pytest.raises(RegistryError, match="closed"):
+        with database.transaction(write=False):
+            pass
+    assert applied(tmp_path / "given.db") == list(range(1, SCHEMA_VERSION + 1))
