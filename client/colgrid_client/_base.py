@@ -19,7 +19,7 @@ import grpc
 from colgrid_client import _convert as convert
 from colgrid_client._errors import REQUEST_ID_KEY, ColgridError, InternalError
 from colgrid_client._pb import colgrid_pb2_grpc as pb_grpc
-from colgrid_client._types import IndexInfo, Matrix, SearchResult, Version
+from colgrid_client._types import AuditEntry, IndexInfo, Matrix, RolloutStatus, SearchResult, Version
 
 T = TypeVar("T")
 DEFAULT_TARGET = "localhost:50051"
@@ -47,11 +47,12 @@ class Stubs:
     search: pb_grpc.SearchServiceStub
     encode: pb_grpc.EncodeServiceStub
     registry: pb_grpc.RegistryServiceStub
+    rollout: pb_grpc.RolloutServiceStub
 
     @classmethod
     def on(cls, channel: grpc.Channel | grpc.aio.Channel) -> Stubs:
         return cls(pb_grpc.SearchServiceStub(channel), pb_grpc.EncodeServiceStub(channel),
-                   pb_grpc.RegistryServiceStub(channel))
+                   pb_grpc.RegistryServiceStub(channel), pb_grpc.RolloutServiceStub(channel))
 
 
 @dataclass(frozen=True)
@@ -174,6 +175,36 @@ def list_versions(index: str) -> Call[list[Version]]:
 def get_version(index: str, version: str) -> Call[Version]:
     return Call("registry", "GetVersion", convert.get_version_request(index, version),
                 convert.from_version)
+
+
+# --- Rollouts: every change answers with the RolloutStatus after it -----------------------------
+
+# Time allowed on top of `wait_for_replicas` for the change itself (loading the version it
+# routes to) when the caller gave no timeout of their own.
+CHANGE_MARGIN_S = 30.0
+
+
+def change_timeout(timeout: float | None, default: float | None,
+                   wait_for_replicas: float | None) -> float | None:
+    """The deadline of a rollout change: the caller's, else the client default stretched to
+    cover the replica wait (a wait longer than the deadline would always end in an error)."""
+    if timeout is not None or default is None or not wait_for_replicas:
+        return timeout
+    return max(default, wait_for_replicas + CHANGE_MARGIN_S)
+
+
+def get_rollout(index: str) -> Call[RolloutStatus]:
+    return Call("rollout", "GetRollout", convert.get_rollout_request(index), convert.from_rollout_status)
+
+
+def rollout_change(method: str, request: Any) -> Call[RolloutStatus]:
+    """`method` is the RolloutService RPC (StartCanary, Promote, ...) `request` is for."""
+    return Call("rollout", method, request, convert.from_rollout_status)
+
+
+def rollout_history(index: str, limit: int) -> Call[list[AuditEntry]]:
+    return Call("rollout", "RolloutHistory", convert.rollout_history_request(index, limit),
+                convert.from_rollout_history_response)
 
 
 # --- Streams -----------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ from google.protobuf import struct_pb2
 from colgrid_client._errors import FieldViolation, InternalError, InvalidArgumentError
 from colgrid_client._pb import colgrid_pb2 as pb
 from colgrid_client._types import (
-    Hit, IndexInfo, Matrix, Rollout, SearchResult, SearchStats, TokenMatch, Version, VersionState,
+    AuditEntry, Hit, IndexInfo, LoadError, Matrix, ReplicaAck, Rollout, RolloutStatus, SearchResult,
+    SearchStats, ServingVersion, ShadowStats, TokenMatch, Version, VersionState,
 )
 
 _LITTLE_ENDIAN = sys.byteorder == "little"
@@ -175,6 +176,87 @@ def get_version_request(index: str, version: str) -> pb.GetVersionRequest:
     return pb.GetVersionRequest(index=_text("index", index), version=_text("version", version))
 
 
+# --- rollout requests: the change fields (10-13) are the same on every change ------------------
+
+def _change_fields(expected_generation: Any = None, actor: Any = "", reason: Any = "",
+                   wait_for_replicas: Any = None) -> dict[str, Any]:
+    fields: dict[str, Any] = {"actor": _text("actor", actor), "reason": _text("reason", reason)}
+    if expected_generation is not None:
+        if isinstance(expected_generation, bool) or not isinstance(expected_generation, int) \
+                or expected_generation < 0:
+            raise invalid("expected_generation", f"expected_generation must be a non-negative integer "
+                                                 f"or None, got {expected_generation!r}")
+        fields["expected_generation"] = expected_generation
+    if wait_for_replicas is not None:
+        if isinstance(wait_for_replicas, bool) or not isinstance(wait_for_replicas, (int, float)) \
+                or not 0 <= wait_for_replicas < math.inf:
+            raise invalid("wait_for_replicas", f"wait_for_replicas must be a number of seconds >= 0 "
+                                               f"or None, got {wait_for_replicas!r}")
+        fields["wait_for_replicas_s"] = float(wait_for_replicas)
+    return fields
+
+
+def _percent(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 100:
+        raise invalid("percent", f"percent must be an integer from 0 to 100, got {value!r}")
+    return value
+
+
+def get_rollout_request(index: str) -> pb.GetRolloutRequest:
+    return pb.GetRolloutRequest(index=_text("index", index))
+
+
+def start_canary_request(index: str, version: str, percent: int, *, expected_generation: int | None = None,
+                         actor: str = "", reason: str = "",
+                         wait_for_replicas: float | None = None) -> pb.StartCanaryRequest:
+    return pb.StartCanaryRequest(index=_text("index", index), version=_text("version", version),
+                                 percent=_percent(percent),
+                                 **_change_fields(expected_generation, actor, reason, wait_for_replicas))
+
+
+def set_canary_percent_request(index: str, percent: int, *, expected_generation: int | None = None,
+                               actor: str = "", reason: str = "",
+                               wait_for_replicas: float | None = None) -> pb.SetCanaryPercentRequest:
+    return pb.SetCanaryPercentRequest(index=_text("index", index), percent=_percent(percent),
+                                      **_change_fields(expected_generation, actor, reason, wait_for_replicas))
+
+
+def set_shadow_request(index: str, version: str, percent: int = 100, *, expected_generation: int | None = None,
+                       actor: str = "", reason: str = "",
+                       wait_for_replicas: float | None = None) -> pb.SetShadowRequest:
+    return pb.SetShadowRequest(index=_text("index", index), version=_text("version", version),
+                               percent=_percent(percent),
+                               **_change_fields(expected_generation, actor, reason, wait_for_replicas))
+
+
+def set_stable_request(index: str, version: str, *, expected_generation: int | None = None,
+                       actor: str = "", reason: str = "",
+                       wait_for_replicas: float | None = None) -> pb.SetStableRequest:
+    return pb.SetStableRequest(index=_text("index", index), version=_text("version", version),
+                               **_change_fields(expected_generation, actor, reason, wait_for_replicas))
+
+
+def clear_shadow_request(index: str, **change: Any) -> pb.ClearShadowRequest:
+    """`change`: expected_generation, actor, reason, wait_for_replicas (as for every change)."""
+    return pb.ClearShadowRequest(index=_text("index", index), **_change_fields(**change))
+
+
+def promote_request(index: str, **change: Any) -> pb.PromoteRequest:
+    return pb.PromoteRequest(index=_text("index", index), **_change_fields(**change))
+
+
+def rollback_request(index: str, **change: Any) -> pb.RollbackRequest:
+    return pb.RollbackRequest(index=_text("index", index), **_change_fields(**change))
+
+
+def abort_canary_request(index: str, **change: Any) -> pb.AbortCanaryRequest:
+    return pb.AbortCanaryRequest(index=_text("index", index), **_change_fields(**change))
+
+
+def rollout_history_request(index: str, limit: int = 0) -> pb.RolloutHistoryRequest:
+    return pb.RolloutHistoryRequest(index=_text("index", index), limit=_uint("limit", limit))
+
+
 def _uint(field: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _UINT32_MAX:
         raise invalid(field, f"{field} must be a non-negative integer (0 = server default), "
@@ -217,7 +299,8 @@ def from_search_response(message: pb.SearchResponse, request_id: str = "") -> Se
                         encoder_id=message.encoder_id,
                         hits=tuple(from_hit(h, message.version) for h in message.hits),
                         stats=from_search_stats(message.stats),
-                        request_id=message.request_id or request_id)
+                        request_id=message.request_id or request_id,
+                        generation=message.generation, role=message.role)
 
 
 def from_encode_response(message: pb.EncodeResponse) -> list[Matrix]:
@@ -230,6 +313,53 @@ def from_rollout(message: pb.Rollout) -> Rollout:
                    shadow=message.shadow or None, shadow_percent=message.shadow_percent,
                    previous_stable=message.previous_stable or None,
                    generation=message.generation, updated_at=message.updated_at)
+
+
+def from_replica_ack(message: pb.ReplicaAck) -> ReplicaAck:
+    return ReplicaAck(replica_id=message.replica_id, address=message.address,
+                      generation=message.generation if message.HasField("generation") else None,
+                      last_seen=message.last_seen, live=message.live, acknowledged=message.acknowledged)
+
+
+def from_shadow_stats(message: pb.ShadowStats) -> ShadowStats:
+    return ShadowStats(primary=message.primary, shadow=message.shadow, sampled=message.sampled,
+                       compared=message.compared, errors=message.errors, dropped=message.dropped,
+                       mean_overlap=message.mean_overlap, mean_rank_correlation=message.mean_rank_correlation,
+                       primary_p50_ms=message.primary_p50_ms, primary_p95_ms=message.primary_p95_ms,
+                       shadow_p50_ms=message.shadow_p50_ms, shadow_p95_ms=message.shadow_p95_ms,
+                       last_error=message.last_error)
+
+
+def from_load_error(message: pb.LoadError) -> LoadError:
+    return LoadError(version=message.version, check=message.check, message=message.message,
+                     generation=message.generation, at=message.at)
+
+
+def from_serving_version(message: pb.ServingVersion) -> ServingVersion:
+    return ServingVersion(version=message.version, roles=tuple(message.roles), in_flight=message.in_flight,
+                          draining=message.draining)
+
+
+def from_rollout_status(message: pb.RolloutStatus) -> RolloutStatus:
+    return RolloutStatus(
+        rollout=from_rollout(message.rollout),
+        replicas=tuple(from_replica_ack(r) for r in message.replicas),
+        pending_replicas=tuple(message.pending_replicas),
+        shadow_stats=tuple(from_shadow_stats(s) for s in message.shadow_stats),
+        load_errors=tuple(from_load_error(e) for e in message.load_errors),
+        replica_id=message.replica_id,
+        served_generation=message.served_generation if message.HasField("served_generation") else None,
+        versions=tuple(from_serving_version(v) for v in message.versions))
+
+
+def from_audit_entry(message: pb.AuditEntry) -> AuditEntry:
+    return AuditEntry(id=message.id, index=message.index, at=message.at, actor=message.actor,
+                      action=message.action, reason=message.reason, before=from_rollout(message.before),
+                      after=from_rollout(message.after))
+
+
+def from_rollout_history_response(message: pb.RolloutHistoryResponse) -> list[AuditEntry]:
+    return [from_audit_entry(e) for e in message.entries]
 
 
 def from_index_info(message: pb.IndexInfo) -> IndexInfo:

@@ -10,7 +10,8 @@ import grpc
 
 from colgrid_client import _base as base
 from colgrid_client._errors import from_rpc_error
-from colgrid_client._types import IndexInfo, Matrix, SearchResult, Version
+from colgrid_client import _convert as convert
+from colgrid_client._types import AuditEntry, IndexInfo, Matrix, RolloutStatus, SearchResult, Version
 
 T = TypeVar("T")
 
@@ -105,6 +106,97 @@ class Client:
 
     def get_version(self, index: str, version: str, *, timeout: float | None = None) -> Version:
         return self._unary(base.get_version(index, version), timeout)
+
+    # --- rollouts ------------------------------------------------------------------------------
+
+    # Every change below takes the same keywords and answers with the rollout after it:
+    #   expected_generation  refuse (AbortedError) unless the rollout is still at this generation
+    #   actor, reason        recorded in the audit log (actor "" -> "api")
+    #   wait_for_replicas    seconds to wait until every live replica serves the change; the
+    #                        answer's pending_replicas names those that had not (no error)
+    # A change routing traffic to a version that fails a check (not READY, files differ from
+    # the manifest, encoder does not load) raises FailedPreconditionError; its
+    # error_metadata["check"] names the check, and nothing changed.
+
+    def get_rollout(self, index: str, *, timeout: float | None = None) -> RolloutStatus:
+        """The rollout of `index`, who serves it, and the answering server's shadow statistics,
+        load errors and loaded versions."""
+        return self._unary(base.get_rollout(index), timeout)
+
+    def start_canary(self, index: str, version: str, percent: int, *,
+                     expected_generation: int | None = None, actor: str = "", reason: str = "",
+                     wait_for_replicas: float | None = None,
+                     timeout: float | None = None) -> RolloutStatus:
+        """Send `percent`% of routing keys to `version` beside stable."""
+        request = convert.start_canary_request(index, version, percent, expected_generation=expected_generation,
+                                               actor=actor, reason=reason, wait_for_replicas=wait_for_replicas)
+        return self._change("StartCanary", request, wait_for_replicas, timeout)
+
+    def set_canary_percent(self, index: str, percent: int, *, expected_generation: int | None = None,
+                           actor: str = "", reason: str = "", wait_for_replicas: float | None = None,
+                           timeout: float | None = None) -> RolloutStatus:
+        """Change the canary's share; raising it never moves a routing key back to stable."""
+        request = convert.set_canary_percent_request(index, percent, expected_generation=expected_generation,
+                                                     actor=actor, reason=reason,
+                                                     wait_for_replicas=wait_for_replicas)
+        return self._change("SetCanaryPercent", request, wait_for_replicas, timeout)
+
+    def set_shadow(self, index: str, version: str, percent: int = 100, *,
+                   expected_generation: int | None = None, actor: str = "", reason: str = "",
+                   wait_for_replicas: float | None = None, timeout: float | None = None) -> RolloutStatus:
+        """Mirror `percent`% of queries to `version` after answering them (never returned)."""
+        request = convert.set_shadow_request(index, version, percent, expected_generation=expected_generation,
+                                             actor=actor, reason=reason, wait_for_replicas=wait_for_replicas)
+        return self._change("SetShadow", request, wait_for_replicas, timeout)
+
+    def clear_shadow(self, index: str, *, expected_generation: int | None = None, actor: str = "",
+                     reason: str = "", wait_for_replicas: float | None = None,
+                     timeout: float | None = None) -> RolloutStatus:
+        request = convert.clear_shadow_request(index, expected_generation=expected_generation, actor=actor,
+                                               reason=reason, wait_for_replicas=wait_for_replicas)
+        return self._change("ClearShadow", request, wait_for_replicas, timeout)
+
+    def promote(self, index: str, *, expected_generation: int | None = None, actor: str = "",
+                reason: str = "", wait_for_replicas: float | None = None,
+                timeout: float | None = None) -> RolloutStatus:
+        """canary -> stable; the old stable is kept as previous_stable."""
+        request = convert.promote_request(index, expected_generation=expected_generation, actor=actor,
+                                          reason=reason, wait_for_replicas=wait_for_replicas)
+        return self._change("Promote", request, wait_for_replicas, timeout)
+
+    def rollback(self, index: str, *, expected_generation: int | None = None, actor: str = "",
+                 reason: str = "", wait_for_replicas: float | None = None,
+                 timeout: float | None = None) -> RolloutStatus:
+        """stable <-> previous_stable in one step; a running canary ends."""
+        request = convert.rollback_request(index, expected_generation=expected_generation, actor=actor,
+                                           reason=reason, wait_for_replicas=wait_for_replicas)
+        return self._change("Rollback", request, wait_for_replicas, timeout)
+
+    def abort_canary(self, index: str, *, expected_generation: int | None = None, actor: str = "",
+                     reason: str = "", wait_for_replicas: float | None = None,
+                     timeout: float | None = None) -> RolloutStatus:
+        """End the canary: all traffic back to stable."""
+        request = convert.abort_canary_request(index, expected_generation=expected_generation, actor=actor,
+                                               reason=reason, wait_for_replicas=wait_for_replicas)
+        return self._change("AbortCanary", request, wait_for_replicas, timeout)
+
+    def set_stable(self, index: str, version: str, *, expected_generation: int | None = None,
+                   actor: str = "", reason: str = "", wait_for_replicas: float | None = None,
+                   timeout: float | None = None) -> RolloutStatus:
+        """Point stable at `version` directly (no canary); the old stable becomes previous."""
+        request = convert.set_stable_request(index, version, expected_generation=expected_generation,
+                                             actor=actor, reason=reason, wait_for_replicas=wait_for_replicas)
+        return self._change("SetStable", request, wait_for_replicas, timeout)
+
+    def rollout_history(self, index: str, limit: int = 20, *,
+                        timeout: float | None = None) -> list[AuditEntry]:
+        """The rollout changes of `index` (audit log), newest first."""
+        return self._unary(base.rollout_history(index, limit), timeout)
+
+    def _change(self, method: str, request: object, wait_for_replicas: float | None,
+                timeout: float | None) -> RolloutStatus:
+        timeout = base.change_timeout(timeout, self._timeout, wait_for_replicas)
+        return self._unary(base.rollout_change(method, request), timeout)
 
     # --- plumbing ------------------------------------------------------------------------------
 

@@ -137,7 +137,9 @@ class SearchStats:
 
 @dataclass(frozen=True)
 class SearchResult:
-    """One answer. Every hit comes from `version`: a request never mixes index versions."""
+    """One answer. Every hit comes from `version`: a request never mixes index versions.
+    `role` says which rollout pointer answered ("stable" or "canary"), `generation` the rollout
+    generation the server was routing by (both empty/0 from servers that do not say)."""
 
     index: str
     version: str
@@ -145,6 +147,8 @@ class SearchResult:
     hits: tuple[Hit, ...]
     stats: SearchStats
     request_id: str
+    generation: int = 0
+    role: str = ""
 
     def __iter__(self) -> Iterator[Hit]:
         return iter(self.hits)
@@ -204,3 +208,94 @@ class IndexInfo:
     rollout: Rollout | None = None
     versions: int = 0
     loaded: bool = False       # the answering server holds the stable version in memory
+
+
+# --- rollouts (values of `colgrid_client.rollout`) ---------------------------------------------
+
+@dataclass(frozen=True)
+class ReplicaAck:
+    """One server sharing the registry, as of its last heartbeat, for one index's rollout."""
+
+    replica_id: str
+    address: str
+    generation: int | None     # the generation of this index it serves (None: it serves none)
+    last_seen: str             # RFC 3339, UTC
+    live: bool                 # heartbeat recent enough to be waited for
+    acknowledged: bool         # serves the rollout's generation, or a later one
+
+
+@dataclass(frozen=True)
+class ShadowStats:
+    """Shadow comparisons of one (primary, shadow) version pair on the answering server."""
+
+    primary: str
+    shadow: str
+    sampled: int = 0           # requests picked for shadowing
+    compared: int = 0
+    errors: int = 0            # failed shadow searches (never seen by callers)
+    dropped: int = 0           # shed because the shadow queue was full
+    mean_overlap: float = 0.0  # overlap@k with the answer returned
+    mean_rank_correlation: float = 0.0  # rank-biased overlap, p = 0.9
+    primary_p50_ms: float = 0.0
+    primary_p95_ms: float = 0.0
+    shadow_p50_ms: float = 0.0
+    shadow_p95_ms: float = 0.0
+    last_error: str = ""
+
+
+@dataclass(frozen=True)
+class LoadError:
+    """A version the answering server could not load; it kept serving its previous routes."""
+
+    version: str
+    check: str                 # ready | checksum | encoder | warm-up | load
+    message: str
+    generation: int
+    at: str
+
+
+@dataclass(frozen=True)
+class ServingVersion:
+    """A version held in memory by the answering server."""
+
+    version: str
+    roles: tuple[str, ...]     # stable / canary / shadow; empty while draining
+    in_flight: int             # requests and streams reading it now
+    draining: bool             # no longer routed; unloaded once in_flight reaches 0
+
+
+@dataclass(frozen=True)
+class RolloutStatus:
+    """A rollout as one server sees it: the registry's pointers, which replicas serve them,
+    and this server's shadow statistics, load errors and loaded versions.
+
+    After a change with `wait_for_replicas`, `pending_replicas` lists the live replicas that
+    had not reported the new generation when the wait ended (empty: all caught up)."""
+
+    rollout: Rollout
+    replicas: tuple[ReplicaAck, ...] = ()
+    pending_replicas: tuple[str, ...] = ()
+    shadow_stats: tuple[ShadowStats, ...] = ()
+    load_errors: tuple[LoadError, ...] = ()
+    replica_id: str = ""
+    served_generation: int | None = None
+    versions: tuple[ServingVersion, ...] = ()
+
+    @property
+    def acknowledged(self) -> bool:
+        """Every live replica serves this generation."""
+        return not self.pending_replicas
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One rollout change: who, when, why, and the pointers before and after."""
+
+    id: int
+    index: str
+    at: str
+    actor: str
+    action: str
+    reason: str
+    before: Rollout
+    after: Rollout

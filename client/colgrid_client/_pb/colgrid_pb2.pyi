@@ -113,20 +113,24 @@ class SearchStats(_message.Message):
     def __init__(self, encode_ms: _Optional[float] = ..., candidates_ms: _Optional[float] = ..., maxsim_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., candidates: _Optional[int] = ..., query_tokens: _Optional[int] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
-    __slots__ = ("request_id", "index", "version", "hits", "stats", "encoder_id")
+    __slots__ = ("request_id", "index", "version", "hits", "stats", "encoder_id", "generation", "role")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     HITS_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
     ENCODER_ID_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     index: str
     version: str
     hits: _containers.RepeatedCompositeFieldContainer[Hit]
     stats: SearchStats
     encoder_id: str
-    def __init__(self, request_id: _Optional[str] = ..., index: _Optional[str] = ..., version: _Optional[str] = ..., hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., stats: _Optional[_Union[SearchStats, _Mapping]] = ..., encoder_id: _Optional[str] = ...) -> None: ...
+    generation: int
+    role: str
+    def __init__(self, request_id: _Optional[str] = ..., index: _Optional[str] = ..., version: _Optional[str] = ..., hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., stats: _Optional[_Union[SearchStats, _Mapping]] = ..., encoder_id: _Optional[str] = ..., generation: _Optional[int] = ..., role: _Optional[str] = ...) -> None: ...
 
 class EncodeQueryRequest(_message.Message):
     __slots__ = ("index", "encoder_id", "text")
@@ -261,3 +265,259 @@ class GetVersionRequest(_message.Message):
     index: str
     version: str
     def __init__(self, index: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+
+class GetRolloutRequest(_message.Message):
+    __slots__ = ("index",)
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    index: str
+    def __init__(self, index: _Optional[str] = ...) -> None: ...
+
+class StartCanaryRequest(_message.Message):
+    __slots__ = ("index", "version", "percent", "expected_generation", "actor", "reason", "wait_for_replicas_s")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PERCENT_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    WAIT_FOR_REPLICAS_S_FIELD_NUMBER: _ClassVar[int]
+    index: str
+    version: str
+    percent: int
+    expected_generation: int
+    actor: str
+    reason: str
+    wait_for_replicas_s: float
+    def __init__(self, index: _Optional[str] = ..., version: _Optional[str] = ..., percent: _Optional[int] = ..., expected_generation: _Optional[int] = ..., actor: _Optional[str] = ..., reason: _Optional[str] = ..., wait_for_replicas_s: _Optional[float] = ...) -> None: ...
+
+class SetCanaryPercentRequest(_message.Message):
+    __slots__ = ("index", "percent", "expected_generation", "actor", "reason", "wait_for_replicas_s")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    PERCENT_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    WAIT_FOR_REPLICAS_S_FIELD_NUMBER: _ClassVar[int]
+    index: str
+    percent: int
+    expected_generation: int
+    actor: str
+    reason: str
+    wait_for_replicas_s: float
+    def __init__(self, index: _Optional[str] = ..., percent: _Optional[int] = ..., expected_generation: _Optional[int] = ..., actor: _Optional[str] = ..., reason: _Optional[str] = ..., wait_for_replicas_s: _Optional[float] = ...) -> None: ...
+
+class SetShadowRequest(_message.Message):
+    __slots__ = ("index", "version", "percent", "expected_generation", "actor", "reason", "wait_for_replicas_s")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PERCENT_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    WAIT_FOR_REPLICAS_S_FIELD_NUMBER: _ClassVar[int]
+    index: str
+    version: str
+    percent: int
+    expected_generation: int
+    actor: str
+    reason: str
+    wait_for_replicas_s: float
+    def __init__(self, index: _Optional[str] = ..., version: _Optional[str] = ..., percent: _Optional[int] = ..., expected_generation: _Optional[int] = ..., actor: _Optional[str] = ..., reason: _Optional[str] = ..., wait_for_replicas_s: _Optional[float] = ...) -> None: ...
+
+class ClearShadowRequest(_message.Message):
+    __slots__ = ("index", "expected_generation", "actor", "reason", "wait_for_replicas_s")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    WAIT_FOR_REPLICAS_S_FIELD_NUMBER: _ClassVar[int]
+    index: str
+    expected_generation: int
+    actor: str
+    reason: str
+    wait_for_replicas_s: float
+    def __init__(self, index: _Optional[str] = ..., expected_generation: _Optional[int] = ..., actor: _Optional[str] = ..., reason: _Optional[str] = ..., wait_for_replicas_s: _Optional[float] = ...) -> None: ...
+
+class PromoteRequest(_message.Message):
+    __slots__ = ("index", "expected_generation", "actor", "reason", "wait_for_replicas_s")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    WAIT_FOR_REPLICAS_S_FIELD_NUMBER: _ClassVar[int]
+    index: str
+    expected_generation: int
+    actor: str
+    reason: str
+    wait_for_replicas_s: float
+    def __init__(self, index: _Optional[str] = ..., expected_generation: _Optional[int] = ..., actor: _Optional[str] = ..., reason: _Optional[str] = ..., wait_for_replicas_s: _Optional[float] = ...) -> None: ...
+
+class RollbackRequest(_message.Message):
+    __slots__ = ("index", "expected_generation", "actor", "reason", "wait_for_replicas_s")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    WAIT_FOR_REPLICAS_S_FIELD_NUMBER: _ClassVar[int]
+    index: str
+    expected_generation: int
+    actor: str
+    reason: str
+    wait_for_replicas_s: float
+    def __init__(self, index: _Optional[str] = ..., expected_generation: _Optional[int] = ..., actor: _Optional[str] = ..., reason: _Optional[str] = ..., wait_for_replicas_s: _Optional[float] = ...) -> None: ...
+
+class AbortCanaryRequest(_message.Message):
+    __slots__ = ("index", "expected_generation", "actor", "reason", "wait_for_replicas_s")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    WAIT_FOR_REPLICAS_S_FIELD_NUMBER: _ClassVar[int]
+    index: str
+    expected_generation: int
+    actor: str
+    reason: str
+    wait_for_replicas_s: float
+    def __init__(self, index: _Optional[str] = ..., expected_generation: _Optional[int] = ..., actor: _Optional[str] = ..., reason: _Optional[str] = ..., wait_for_replicas_s: _Optional[float] = ...) -> None: ...
+
+class SetStableRequest(_message.Message):
+    __slots__ = ("index", "version", "expected_generation", "actor", "reason", "wait_for_replicas_s")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    WAIT_FOR_REPLICAS_S_FIELD_NUMBER: _ClassVar[int]
+    index: str
+    version: str
+    expected_generation: int
+    actor: str
+    reason: str
+    wait_for_replicas_s: float
+    def __init__(self, index: _Optional[str] = ..., version: _Optional[str] = ..., expected_generation: _Optional[int] = ..., actor: _Optional[str] = ..., reason: _Optional[str] = ..., wait_for_replicas_s: _Optional[float] = ...) -> None: ...
+
+class RolloutHistoryRequest(_message.Message):
+    __slots__ = ("index", "limit")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    index: str
+    limit: int
+    def __init__(self, index: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class ReplicaAck(_message.Message):
+    __slots__ = ("replica_id", "address", "generation", "last_seen", "live", "acknowledged")
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_FIELD_NUMBER: _ClassVar[int]
+    LIVE_FIELD_NUMBER: _ClassVar[int]
+    ACKNOWLEDGED_FIELD_NUMBER: _ClassVar[int]
+    replica_id: str
+    address: str
+    generation: int
+    last_seen: str
+    live: bool
+    acknowledged: bool
+    def __init__(self, replica_id: _Optional[str] = ..., address: _Optional[str] = ..., generation: _Optional[int] = ..., last_seen: _Optional[str] = ..., live: _Optional[bool] = ..., acknowledged: _Optional[bool] = ...) -> None: ...
+
+class ShadowStats(_message.Message):
+    __slots__ = ("primary", "shadow", "sampled", "compared", "errors", "dropped", "mean_overlap", "mean_rank_correlation", "primary_p50_ms", "primary_p95_ms", "shadow_p50_ms", "shadow_p95_ms", "last_error")
+    PRIMARY_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_FIELD_NUMBER: _ClassVar[int]
+    SAMPLED_FIELD_NUMBER: _ClassVar[int]
+    COMPARED_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    MEAN_OVERLAP_FIELD_NUMBER: _ClassVar[int]
+    MEAN_RANK_CORRELATION_FIELD_NUMBER: _ClassVar[int]
+    PRIMARY_P50_MS_FIELD_NUMBER: _ClassVar[int]
+    PRIMARY_P95_MS_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_P50_MS_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_P95_MS_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    primary: str
+    shadow: str
+    sampled: int
+    compared: int
+    errors: int
+    dropped: int
+    mean_overlap: float
+    mean_rank_correlation: float
+    primary_p50_ms: float
+    primary_p95_ms: float
+    shadow_p50_ms: float
+    shadow_p95_ms: float
+    last_error: str
+    def __init__(self, primary: _Optional[str] = ..., shadow: _Optional[str] = ..., sampled: _Optional[int] = ..., compared: _Optional[int] = ..., errors: _Optional[int] = ..., dropped: _Optional[int] = ..., mean_overlap: _Optional[float] = ..., mean_rank_correlation: _Optional[float] = ..., primary_p50_ms: _Optional[float] = ..., primary_p95_ms: _Optional[float] = ..., shadow_p50_ms: _Optional[float] = ..., shadow_p95_ms: _Optional[float] = ..., last_error: _Optional[str] = ...) -> None: ...
+
+class LoadError(_message.Message):
+    __slots__ = ("version", "check", "message", "generation", "at")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    CHECK_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    check: str
+    message: str
+    generation: int
+    at: str
+    def __init__(self, version: _Optional[str] = ..., check: _Optional[str] = ..., message: _Optional[str] = ..., generation: _Optional[int] = ..., at: _Optional[str] = ...) -> None: ...
+
+class ServingVersion(_message.Message):
+    __slots__ = ("version", "roles", "in_flight", "draining")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROLES_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    roles: _containers.RepeatedScalarFieldContainer[str]
+    in_flight: int
+    draining: bool
+    def __init__(self, version: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ..., in_flight: _Optional[int] = ..., draining: _Optional[bool] = ...) -> None: ...
+
+class RolloutStatus(_message.Message):
+    __slots__ = ("rollout", "replicas", "pending_replicas", "shadow_stats", "load_errors", "replica_id", "served_generation", "versions")
+    ROLLOUT_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    PENDING_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_STATS_FIELD_NUMBER: _ClassVar[int]
+    LOAD_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    SERVED_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    rollout: Rollout
+    replicas: _containers.RepeatedCompositeFieldContainer[ReplicaAck]
+    pending_replicas: _containers.RepeatedScalarFieldContainer[str]
+    shadow_stats: _containers.RepeatedCompositeFieldContainer[ShadowStats]
+    load_errors: _containers.RepeatedCompositeFieldContainer[LoadError]
+    replica_id: str
+    served_generation: int
+    versions: _containers.RepeatedCompositeFieldContainer[ServingVersion]
+    def __init__(self, rollout: _Optional[_Union[Rollout, _Mapping]] = ..., replicas: _Optional[_Iterable[_Union[ReplicaAck, _Mapping]]] = ..., pending_replicas: _Optional[_Iterable[str]] = ..., shadow_stats: _Optional[_Iterable[_Union[ShadowStats, _Mapping]]] = ..., load_errors: _Optional[_Iterable[_Union[LoadError, _Mapping]]] = ..., replica_id: _Optional[str] = ..., served_generation: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[ServingVersion, _Mapping]]] = ...) -> None: ...
+
+class AuditEntry(_message.Message):
+    __slots__ = ("id", "index", "at", "actor", "action", "reason", "before", "after")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    BEFORE_FIELD_NUMBER: _ClassVar[int]
+    AFTER_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    index: str
+    at: str
+    actor: str
+    action: str
+    reason: str
+    before: Rollout
+    after: Rollout
+    def __init__(self, id: _Optional[int] = ..., index: _Optional[str] = ..., at: _Optional[str] = ..., actor: _Optional[str] = ..., action: _Optional[str] = ..., reason: _Optional[str] = ..., before: _Optional[_Union[Rollout, _Mapping]] = ..., after: _Optional[_Union[Rollout, _Mapping]] = ...) -> None: ...
+
+class RolloutHistoryResponse(_message.Message):
+    __slots__ = ("entries",)
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[AuditEntry]
+    def __init__(self, entries: _Optional[_Iterable[_Union[AuditEntry, _Mapping]]] = ...) -> None: ...

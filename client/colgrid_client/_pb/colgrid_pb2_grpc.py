@@ -457,3 +457,462 @@ class RegistryService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class RolloutServiceStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.GetRollout = channel.unary_unary(
+                '/colgrid.v1.RolloutService/GetRollout',
+                request_serializer=colgrid_dot_v1_dot_colgrid__pb2.GetRolloutRequest.SerializeToString,
+                response_deserializer=colgrid_dot_v1_dot_colgrid__pb2.RolloutStatus.FromString,
+                _registered_method=True)
+        self.StartCanary = channel.unary_unary(
+                '/colgrid.v1.RolloutService/StartCanary',
+                request_serializer=colgrid_dot_v1_dot_colgrid__pb2.StartCanaryRequest.SerializeToString,
+                response_deserializer=colgrid_dot_v1_dot_colgrid__pb2.RolloutStatus.FromString,
+                _registered_method=True)
+        self.SetCanaryPercent = channel.unary_unary(
+                '/colgrid.v1.RolloutService/SetCanaryPercent',
+                request_serializer=colgrid_dot_v1_dot_colgrid__pb2.SetCanaryPercentRequest.SerializeToString,
+                response_deserializer=colgrid_dot_v1_dot_colgrid__pb2.RolloutStatus.FromString,
+                _registered_method=True)
+        self.SetShadow = channel.unary_unary(
+                '/colgrid.v1.RolloutService/SetShadow',
+                request_serializer=colgrid_dot_v1_dot_colgrid__pb2.SetShadowRequest.SerializeToString,
+                response_deserializer=colgrid_dot_v1_dot_colgrid__pb2.RolloutStatus.FromString,
+                _registered_method=True)
+        self.ClearShadow = channel.unary_unary(
+                '/colgrid.v1.RolloutService/ClearShadow',
+                request_serializer=colgrid_dot_v1_dot_colgrid__pb2.ClearShadowRequest.SerializeToString,
+                response_deserializer=colgrid_dot_v1_dot_colgrid__pb2.RolloutStatus.FromString,
+                _registered_method=True)
+        self.Promote = channel.unary_unary(
+                '/colgrid.v1.RolloutService/Promote',
+                request_serializer=colgrid_dot_v1_dot_colgrid__pb2.PromoteRequest.SerializeToString,
+                response_deserializer=colgrid_dot_v1_dot_colgrid__pb2.RolloutStatus.FromString,
+                _registered_method=True)
+        self.Rollback = channel.unary_unary(
+                '/colgrid.v1.RolloutService/Rollback',
+                request_serializer=colgrid_dot_v1_dot_colgrid__pb2.RollbackRequest.SerializeToString,
+                response_deserializer=colgrid_dot_v1_dot_colgrid__pb2.RolloutStatus.FromString,
+                _registered_method=True)
+        self.AbortCanary = channel.unary_unary(
+                '/colgrid.v1.RolloutService/AbortCanary',
+                request_serializer=colgrid_dot_v1_dot_colgrid__pb2.AbortCanaryRequest.SerializeToString,
+                response_deserializer=colgrid_dot_v1_dot_colgrid__pb2.RolloutStatus.FromString,
+                _registered_method=True)
+        self.SetStable = channel.unary_unary(
+                '/colgrid.v1.RolloutService/SetStable',
+                request_serializer=colgrid_dot_v1_dot_colgrid__pb2.SetStableRequest.SerializeToString,
+                response_deserializer=colgrid_dot_v1_dot_colgrid__pb2.RolloutStatus.FromString,
+                _registered_method=True)
+        self.RolloutHistory = channel.unary_unary(
+                '/colgrid.v1.RolloutService/RolloutHistory',
+                request_serializer=colgrid_dot_v1_dot_colgrid__pb2.RolloutHistoryRequest.SerializeToString,
+                response_deserializer=colgrid_dot_v1_dot_colgrid__pb2.RolloutHistoryResponse.FromString,
+                _registered_method=True)
+
+
+class RolloutServiceServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def GetRollout(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartCanary(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetCanaryPercent(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetShadow(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClearShadow(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Promote(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rollback(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AbortCanary(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetStable(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RolloutHistory(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_RolloutServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'GetRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRollout,
+                    request_deserializer=colgrid_dot_v1_dot_colgrid__pb2.GetRolloutRequest.FromString,
+                    response_serializer=colgrid_dot_v1_dot_colgrid__pb2.RolloutStatus.SerializeToString,
+            ),
+            'StartCanary': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartCanary,
+                    request_deserializer=colgrid_dot_v1_dot_colgrid__pb2.StartCanaryRequest.FromString,
+                    response_serializer=colgrid_dot_v1_dot_colgrid__pb2.RolloutStatus.SerializeToString,
+            ),
+            'SetCanaryPercent': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetCanaryPercent,
+                    request_deserializer=colgrid_dot_v1_dot_colgrid__pb2.SetCanaryPercentRequest.FromString,
+                    response_serializer=colgrid_dot_v1_dot_colgrid__pb2.RolloutStatus.SerializeToString,
+            ),
+            'SetShadow': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetShadow,
+                    request_deserializer=colgrid_dot_v1_dot_colgrid__pb2.SetShadowRequest.FromString,
+                    response_serializer=colgrid_dot_v1_dot_colgrid__pb2.RolloutStatus.SerializeToString,
+            ),
+            'ClearShadow': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClearShadow,
+                    request_deserializer=colgrid_dot_v1_dot_colgrid__pb2.ClearShadowRequest.FromString,
+                    response_serializer=colgrid_dot_v1_dot_colgrid__pb2.RolloutStatus.SerializeToString,
+            ),
+            'Promote': grpc.unary_unary_rpc_method_handler(
+                    servicer.Promote,
+                    request_deserializer=colgrid_dot_v1_dot_colgrid__pb2.PromoteRequest.FromString,
+                    response_serializer=colgrid_dot_v1_dot_colgrid__pb2.RolloutStatus.SerializeToString,
+            ),
+            'Rollback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rollback,
+                    request_deserializer=colgrid_dot_v1_dot_colgrid__pb2.RollbackRequest.FromString,
+                    response_serializer=colgrid_dot_v1_dot_colgrid__pb2.RolloutStatus.SerializeToString,
+            ),
+            'AbortCanary': grpc.unary_unary_rpc_method_handler(
+                    servicer.AbortCanary,
+                    request_deserializer=colgrid_dot_v1_dot_colgrid__pb2.AbortCanaryRequest.FromString,
+                    response_serializer=colgrid_dot_v1_dot_colgrid__pb2.RolloutStatus.SerializeToString,
+            ),
+            'SetStable': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetStable,
+                    request_deserializer=colgrid_dot_v1_dot_colgrid__pb2.SetStableRequest.FromString,
+                    response_serializer=colgrid_dot_v1_dot_colgrid__pb2.RolloutStatus.SerializeToString,
+            ),
+            'RolloutHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.RolloutHistory,
+                    request_deserializer=colgrid_dot_v1_dot_colgrid__pb2.RolloutHistoryRequest.FromString,
+                    response_serializer=colgrid_dot_v1_dot_colgrid__pb2.RolloutHistoryResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'colgrid.v1.RolloutService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('colgrid.v1.RolloutService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class RolloutService:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def GetRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/colgrid.v1.RolloutService/GetRollout',
+            colgrid_dot_v1_dot_colgrid__pb2.GetRolloutRequest.SerializeToString,
+            colgrid_dot_v1_dot_colgrid__pb2.RolloutStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartCanary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/colgrid.v1.RolloutService/StartCanary',
+            colgrid_dot_v1_dot_colgrid__pb2.StartCanaryRequest.SerializeToString,
+            colgrid_dot_v1_dot_colgrid__pb2.RolloutStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetCanaryPercent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/colgrid.v1.RolloutService/SetCanaryPercent',
+            colgrid_dot_v1_dot_colgrid__pb2.SetCanaryPercentRequest.SerializeToString,
+            colgrid_dot_v1_dot_colgrid__pb2.RolloutStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetShadow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/colgrid.v1.RolloutService/SetShadow',
+            colgrid_dot_v1_dot_colgrid__pb2.SetShadowRequest.SerializeToString,
+            colgrid_dot_v1_dot_colgrid__pb2.RolloutStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClearShadow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/colgrid.v1.RolloutService/ClearShadow',
+            colgrid_dot_v1_dot_colgrid__pb2.ClearShadowRequest.SerializeToString,
+            colgrid_dot_v1_dot_colgrid__pb2.RolloutStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Promote(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/colgrid.v1.RolloutService/Promote',
+            colgrid_dot_v1_dot_colgrid__pb2.PromoteRequest.SerializeToString,
+            colgrid_dot_v1_dot_colgrid__pb2.RolloutStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rollback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/colgrid.v1.RolloutService/Rollback',
+            colgrid_dot_v1_dot_colgrid__pb2.RollbackRequest.SerializeToString,
+            colgrid_dot_v1_dot_colgrid__pb2.RolloutStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AbortCanary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/colgrid.v1.RolloutService/AbortCanary',
+            colgrid_dot_v1_dot_colgrid__pb2.AbortCanaryRequest.SerializeToString,
+            colgrid_dot_v1_dot_colgrid__pb2.RolloutStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetStable(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/colgrid.v1.RolloutService/SetStable',
+            colgrid_dot_v1_dot_colgrid__pb2.SetStableRequest.SerializeToString,
+            colgrid_dot_v1_dot_colgrid__pb2.RolloutStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RolloutHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/colgrid.v1.RolloutService/RolloutHistory',
+            colgrid_dot_v1_dot_colgrid__pb2.RolloutHistoryRequest.SerializeToString,
+            colgrid_dot_v1_dot_colgrid__pb2.RolloutHistoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -1,4 +1,5 @@
-"""Assemble and run the gRPC server: services, health, reflection, version watcher, shutdown."""
+"""Assemble and run the gRPC server: services, health, reflection, registry watcher and
+heartbeat, shutdown."""
 from __future__ import annotations
 
 import asyncio
@@ -22,15 +23,21 @@ from colgrid_server.catalog import EncoderCatalog
 from colgrid_server.config import Settings
 from colgrid_server.errors import FailedPrecondition
 from colgrid_server.paths import DataDir
-from colgrid_server.serving import ServingState
+from colgrid_server.serving import Replica, ServingState, default_replica_id
+from colgrid_server.serving._replica import advertised_host
 from colgrid_server.service.encode_rpc import EncodeService
 from colgrid_server.service.registry_rpc import RegistryService
+from colgrid_server.service.rollout_rpc import RolloutService
 from colgrid_server.service.search_rpc import SearchService
 
 log = logging.getLogger(__name__)
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 SERVICE_NAMES = tuple(pb.DESCRIPTOR.services_by_name[name].full_name
-                      for name in ("SearchService", "EncodeService", "RegistryService"))
+                      for name in ("SearchService", "EncodeService", "RegistryService", "RolloutService"))
+# A replica counts as live (and is waited for) while its last heartbeat is this many poll
+# intervals old at most, and never less than LIVE_MIN_SECONDS.
+LIVE_POLLS = 3
+LIVE_MIN_SECONDS = 10.0
 
 
 class RequestIdInterceptor(grpc.aio.ServerInterceptor):
@@ -47,14 +54,18 @@ class RunningServer:
     server: grpc.aio.Server
     port: int
     state: ServingState
+    replica: Replica
     health: HealthServicer
     executor: ThreadPoolExecutor
     settings: Settings
     _watcher: asyncio.Task | None = field(default=None, repr=False)
 
     async def refresh(self) -> bool:
-        """Apply registry changes now (the watcher also does this every poll interval)."""
-        complete = await asyncio.get_running_loop().run_in_executor(self.executor, self.state.refresh)
+        """Apply registry changes now and report what is served (the watcher also does this
+        every poll interval)."""
+        loop = asyncio.get_running_loop()
+        complete = await loop.run_in_executor(self.executor, self.state.refresh)
+        await loop.run_in_executor(self.executor, self.replica.heartbeat)
         await self._publish_health()
         return complete
 
@@ -70,6 +81,9 @@ class RunningServer:
         while True:
             await asyncio.sleep(self.settings.registry_poll_seconds)
             try:
+                # Beat before refreshing too: a long version load must not make this replica
+                # look dead to the others.
+                await asyncio.get_running_loop().run_in_executor(self.executor, self.replica.heartbeat)
                 await self.refresh()
             except Exception:  # noqa: BLE001 - the watcher must outlive a bad poll
                 log.exception("registry refresh failed; will retry")
@@ -82,6 +96,7 @@ class RunningServer:
                 await self._watcher
         await self.server.stop(self.settings.grace_seconds if grace is None else grace)
         self.executor.shutdown(wait=True, cancel_futures=True)
+        self.state.close()
         self.state.registry.close()
 
 
@@ -98,9 +113,19 @@ async def start_server(settings: Settings) -> RunningServer:
     options = [("grpc.max_receive_message_length", settings.max_message_bytes),
                ("grpc.max_send_message_length", settings.max_message_bytes)]
     server = grpc.aio.server(interceptors=[RequestIdInterceptor()], options=options)
+    port = server.add_insecure_port(settings.target)
+    if port == 0 and settings.port != 0:
+        raise FailedPrecondition(f"cannot listen on {settings.target}: is another server using the port?")
+    # `replica_id` is read if the settings carry one (several replicas behind one address need
+    # distinct ids); else host:port+pid, known now that the port is bound.
+    replica = Replica(registry, state,
+                      replica_id=getattr(settings, "replica_id", "") or default_replica_id(settings.host, port),
+                      address=f"{advertised_host(settings.host)}:{port}",
+                      live_within_s=max(LIVE_MIN_SECONDS, LIVE_POLLS * settings.registry_poll_seconds))
     pb_grpc.add_SearchServiceServicer_to_server(SearchService(state, settings, executor), server)
     pb_grpc.add_EncodeServiceServicer_to_server(EncodeService(state, settings, executor), server)
     pb_grpc.add_RegistryServiceServicer_to_server(RegistryService(state, executor), server)
+    pb_grpc.add_RolloutServiceServicer_to_server(RolloutService(state, replica, executor), server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     for name in ("", *SERVICE_NAMES):
@@ -108,17 +133,14 @@ async def start_server(settings: Settings) -> RunningServer:
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server)
-    port = server.add_insecure_port(settings.target)
-    if port == 0 and settings.port != 0:
-        raise FailedPrecondition(f"cannot listen on {settings.target}: is another server using the port?")
     await server.start()
-    running = RunningServer(server=server, port=port, state=state, health=health, executor=executor,
-                            settings=settings)
+    running = RunningServer(server=server, port=port, state=state, replica=replica, health=health,
+                            executor=executor, settings=settings)
     if not await running.refresh():
         log.warning("some indexes could not be loaded; serving the rest")
     running._watcher = asyncio.create_task(running._watch())
     log.info("colgrid serving on %s:%d (indexes: %s)", settings.host, port,
-             ", ".join(f"{k}@{v.version}" for k, v in state.snapshot().items()) or "none")
+             ", ".join(f"{k}@{v.stable.version}" for k, v in state.snapshot().items()) or "none")
     return running
 
 
@@ -128,7 +150,7 @@ def serve(settings: Settings) -> None:
     async def main() -> None:
         running = await start_server(settings)
         print(f"colgrid serving on {settings.host}:{running.port} "
-              f"(indexes: {', '.join(f'{k}@{v.version}' for k, v in running.state.snapshot().items()) or 'none'})",
+              f"(indexes: {', '.join(f'{k}@{v.stable.version}' for k, v in running.state.snapshot().items()) or 'none'})",
               flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
@@ -12,10 +12,11 @@ from google.protobuf import struct_pb2
 from google.protobuf.json_format import ParseDict
 
 from colgrid_client._pb import colgrid_pb2 as pb
-from colgrid_registry import IndexRecord, Rollout, VersionRecord, VersionState
+from colgrid_registry import AuditEntry, IndexRecord, Rollout, VersionRecord, VersionState
 from colgrid_server.encoders.types import EncodedText
 from colgrid_server.errors import InvalidArgument
 from colgrid_server.search import Hit, SearchResult
+from colgrid_server.serving import Acknowledgements, LoadFailure, ShadowStats, VersionUse
 
 _STATE = {
     VersionState.BUILDING: pb.BUILDING,
@@ -74,11 +75,12 @@ def hit(h: Hit) -> pb.Hit:
 
 
 def search_response(*, request_id: str, index: str, version: str, encoder_id: str,
-                    result: SearchResult, encode_ms: float, total_ms: float) -> pb.SearchResponse:
+                    result: SearchResult, encode_ms: float, total_ms: float, generation: int = 0,
+                    role: str = "") -> pb.SearchResponse:
     s = result.stats
     return pb.SearchResponse(
         request_id=request_id, index=index, version=version, encoder_id=encoder_id,
-        hits=[hit(h) for h in result.hits],
+        generation=generation, role=role, hits=[hit(h) for h in result.hits],
         stats=pb.SearchStats(encode_ms=encode_ms, candidates_ms=s.candidates_ms, maxsim_ms=s.maxsim_ms,
                              total_ms=total_ms, candidates=s.candidates, query_tokens=s.query_tokens),
     )
@@ -110,3 +112,55 @@ def version(v: VersionRecord) -> pb.Version:
 def index_info(record: IndexRecord, r: Rollout, *, versions: int, loaded: bool) -> pb.IndexInfo:
     return pb.IndexInfo(name=record.name, created_at=_ts(record.created_at), rollout=rollout(r),
                         versions=versions, loaded=loaded)
+
+
+# --- rollouts ----------------------------------------------------------------------------------
+
+def _pointers(index: str, pointers: Mapping[str, Any]) -> pb.Rollout:
+    """A Rollout message from an audit entry's pointer snapshot."""
+    return pb.Rollout(index=index, stable=pointers.get("stable") or "", canary=pointers.get("canary") or "",
+                      canary_percent=pointers.get("canary_percent") or 0, shadow=pointers.get("shadow") or "",
+                      shadow_percent=pointers.get("shadow_percent") or 0,
+                      previous_stable=pointers.get("previous_stable") or "",
+                      generation=pointers.get("generation") or 0)
+
+
+def audit_entry(e: AuditEntry) -> pb.AuditEntry:
+    return pb.AuditEntry(id=e.id, index=e.index, at=_ts(e.at), actor=e.actor, action=e.action, reason=e.reason,
+                         before=_pointers(e.index, e.before), after=_pointers(e.index, e.after))
+
+
+def shadow_stats(s: ShadowStats) -> pb.ShadowStats:
+    return pb.ShadowStats(primary=s.primary, shadow=s.shadow, sampled=s.sampled, compared=s.compared,
+                          errors=s.errors, dropped=s.dropped, mean_overlap=s.mean_overlap,
+                          mean_rank_correlation=s.mean_rbo, primary_p50_ms=s.primary_p50_ms,
+                          primary_p95_ms=s.primary_p95_ms, shadow_p50_ms=s.shadow_p50_ms,
+                          shadow_p95_ms=s.shadow_p95_ms, last_error=s.last_error)
+
+
+def load_error(f: LoadFailure) -> pb.LoadError:
+    return pb.LoadError(version=f.version, check=f.check, message=f.message, generation=f.generation,
+                        at=_ts(datetime.fromtimestamp(f.at, timezone.utc)))
+
+
+def serving_version(v: VersionUse) -> pb.ServingVersion:
+    return pb.ServingVersion(version=v.version, roles=list(v.roles), in_flight=v.in_flight, draining=v.draining)
+
+
+def rollout_status(r: Rollout, acks: Acknowledgements, *, replica_id: str, served_generation: int | None,
+                   shadow: Sequence[ShadowStats], failures: Sequence[LoadFailure],
+                   versions: Sequence[VersionUse]) -> pb.RolloutStatus:
+    replicas = []
+    for rec in acks.replicas:
+        ack = pb.ReplicaAck(replica_id=rec.replica_id, address=rec.address, last_seen=_ts(rec.last_seen),
+                            live=rec.live, acknowledged=rec.acknowledges(r.index, r.generation))
+        if r.index in rec.served:
+            ack.generation = rec.served[r.index]
+        replicas.append(ack)
+    status = pb.RolloutStatus(rollout=rollout(r), replicas=replicas, pending_replicas=list(acks.pending),
+                              shadow_stats=[shadow_stats(s) for s in shadow],
+                              load_errors=[load_error(f) for f in failures], replica_id=replica_id,
+                              versions=[serving_version(v) for v in versions])
+    if served_generation is not None:
+        status.served_generation = served_generation
+    return status

@@ -32,7 +32,7 @@ class RegistryService(pb_grpc.RegistryServiceServicer):
         served = self._state.snapshot().get(name)
         rollout = self._registry.get_rollout(name)
         return convert.index_info(record, rollout, versions=len(self._registry.list_versions(name)),
-                                  loaded=served is not None and served.version == rollout.stable)
+                                  loaded=served is not None and served.stable.version == rollout.stable)
 
     async def ListIndexes(self, request: pb.ListIndexesRequest, context) -> pb.ListIndexesResponse:
         def run() -> pb.ListIndexesResponse:

@@ -7,6 +7,7 @@ from colgrid_client._pb import colgrid_pb2 as pb
 from colgrid_server.config import Settings
 from colgrid_server.errors import InvalidArgument, ResourceExhausted
 from colgrid_server.search import SearchParams
+from colgrid_server.serving import Query
 from colgrid_server.service.convert import matrix_from_pb
 
 
@@ -48,6 +49,14 @@ def query_vectors(req: pb.SearchRequest, dim: int) -> np.ndarray:
     if req.query.strip():
         raise InvalidArgument("send either query text or query_vectors, not both", field="query_vectors")
     return matrix_from_pb(req.query_vectors, field="query_vectors", expected_dim=dim)
+
+
+def query(req: pb.SearchRequest, settings: Settings, *, dim: int) -> Query:
+    """The domain query of a search request; `dim` is the answering version's encoder dim."""
+    params = search_params(req, settings)
+    if req.HasField("query_vectors"):
+        return Query(params=params, vectors=query_vectors(req, dim), exhaustive=req.exhaustive)
+    return Query(params=params, text=query_text(req, settings), exhaustive=req.exhaustive)
 
 
 def encode_texts(texts: list[str], settings: Settings, *, field: str = "texts") -> list[str]:

@@ -1,8 +1,14 @@
-"""SearchService: unary Search and the bidirectional SearchStream."""
+"""SearchService: unary Search and the bidirectional SearchStream.
+
+Each request is routed once (a stream once, on its first request) and holds a lease on the
+version answering it until its work finishes, even if the caller goes away first: the version
+cannot be unloaded under it. Shadow work is handed off after the answer is computed and never
+affects it.
+"""
 from __future__ import annotations
 
 import asyncio
-import time
+import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor
 
@@ -11,9 +17,12 @@ import grpc
 from colgrid_client._pb import colgrid_pb2 as pb
 from colgrid_client._pb import colgrid_pb2_grpc as pb_grpc
 from colgrid_server.config import Settings
-from colgrid_server.serving import ServedVersion, ServingState
+from colgrid_server.errors import FailedPrecondition
+from colgrid_server.serving import Answer, Lease, Query, Route, ServingState
 from colgrid_server.service import convert, requests
 from colgrid_server.service.status import abort_with
+
+log = logging.getLogger(__name__)
 
 
 class SearchService(pb_grpc.SearchServiceServicer):
@@ -24,45 +33,75 @@ class SearchService(pb_grpc.SearchServiceServicer):
 
     async def Search(self, request: pb.SearchRequest, context: grpc.aio.ServicerContext) -> pb.SearchResponse:
         try:
-            served = self._state.resolve(requests.index_name(request.index))  # resolved once
-            return await self._run(served, request)
+            name = requests.index_name(request.index)
+            requests.search_params(request, self._settings)  # refuse bad knobs before routing
+            route = self._state.route(name, request.routing_key)  # resolved once
+            try:
+                query = requests.query(request, self._settings, dim=route.version.encoder.dim)
+            except BaseException:
+                route.release()
+                raise
+            try:
+                answer = await self._answer(route.primary, query)
+            except BaseException:
+                if route.shadow is not None:
+                    route.shadow.release()
+                raise
+            self._shadow(route, route.shadow, query, answer)
+            return self._response(request, route, answer)
         except Exception as exc:  # noqa: BLE001 - every error becomes a status in one place
             await abort_with(context, exc)
             raise  # unreachable: abort raises
 
     async def SearchStream(self, request_iterator: AsyncIterator[pb.SearchRequest],
                            context: grpc.aio.ServicerContext) -> AsyncIterator[pb.SearchResponse]:
-        # Each index named on this stream is resolved on first use and pinned for the stream's
-        # life: a rollout mid-stream never changes the version a stream reads.
-        pinned: dict[str, ServedVersion] = {}
+        # Each index named on this stream is routed on first use (by that request's routing key)
+        # and pinned for the stream's life: a rollout mid-stream never changes what it reads.
+        pinned: dict[str, Route] = {}
         try:
             async for request in request_iterator:
                 name = requests.index_name(request.index)
-                served = pinned.get(name)
-                if served is None:
-                    served = pinned[name] = self._state.resolve(name)
-                yield await self._run(served, request)
+                route = pinned.get(name)
+                if route is None:
+                    requests.search_params(request, self._settings)
+                    route = pinned[name] = self._state.route(name, request.routing_key, shadow=False)
+                query = requests.query(request, self._settings, dim=route.version.encoder.dim)
+                lease = route.version.acquire()  # the stream's own lease keeps it open
+                if lease is None:
+                    raise FailedPrecondition(f"{name}/{route.version.version} was unloaded under an open stream")
+                answer = await self._answer(lease, query)
+                self._shadow(route, self._state.shadow_for(name), query, answer)
+                yield self._response(request, route, answer)
         except Exception as exc:  # noqa: BLE001
             await abort_with(context, exc)
+        finally:
+            for route in pinned.values():
+                route.release()
 
-    async def _run(self, served: ServedVersion, request: pb.SearchRequest) -> pb.SearchResponse:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._search, served, request)
+    async def _answer(self, lease: Lease, query: Query) -> Answer:
+        """Search on the worker pool; the lease ends when the work does (not when the caller
+        stops waiting), so a cancelled request never frees a version still being read."""
+        try:
+            future = self._executor.submit(lease.version.search, query)
+        except BaseException:
+            lease.release()
+            raise
+        future.add_done_callback(lambda _: lease.release())
+        return await asyncio.wrap_future(future)
 
-    def _search(self, served: ServedVersion, request: pb.SearchRequest) -> pb.SearchResponse:
-        started = time.perf_counter()
-        params = requests.search_params(request, self._settings)
-        if request.HasField("query_vectors"):
-            vectors = requests.query_vectors(request, served.loaded.encoder.dim)
-            tokens = [f"q{i}" for i in range(vectors.shape[0])]
-        else:
-            encoded = served.encoder.encode_queries([requests.query_text(request, self._settings)])[0]
-            vectors, tokens = encoded.vectors, encoded.tokens
-        encode_ms = (time.perf_counter() - started) * 1000
-        searcher = served.searcher
-        result = (searcher.exhaustive(vectors, tokens, params) if request.exhaustive
-                  else searcher.search(vectors, tokens, params))
+    def _shadow(self, route: Route, shadow: Lease | None, query: Query, answer: Answer) -> None:
+        if shadow is None:
+            return
+        try:
+            self._state.shadow.submit(shadow, query, route.version.version, answer)
+        except Exception:  # noqa: BLE001 - shadow trouble must never reach the caller
+            shadow.release()
+            log.exception("could not hand a query to the shadow runner")
+
+    @staticmethod
+    def _response(request: pb.SearchRequest, route: Route, answer: Answer) -> pb.SearchResponse:
+        served = route.version
         return convert.search_response(
             request_id=request.request_id, index=served.index, version=served.version,
-            encoder_id=served.encoder_id, result=result, encode_ms=encode_ms,
-            total_ms=(time.perf_counter() - started) * 1000)
+            encoder_id=served.encoder_id, result=answer.result, encode_ms=answer.encode_ms,
+            total_ms=answer.total_ms, generation=route.generation, role=route.role)

@@ -57,6 +57,9 @@ def to_rpc_status(exc: BaseException) -> grpc.Status:
 
     info = error_details_pb2.ErrorInfo(reason=_reason(exc) if code != grpc.StatusCode.INTERNAL else "INTERNAL",
                                        domain=ERROR_DOMAIN)
+    check = getattr(exc, "check", None)
+    if code != grpc.StatusCode.INTERNAL and isinstance(check, str):
+        info.metadata["check"] = check  # which version check refused a rollout (serving.CHECKS)
     details.append(_pack(info))
     field = getattr(exc, "field", None)
     if code == grpc.StatusCode.INVALID_ARGUMENT and field:
