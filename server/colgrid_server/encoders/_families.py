@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from colgrid_server.encoders._image_feeds import qwen2_vl_feeds
+from colgrid_server.encoders._image_feeds import paligemma_feeds, qwen2_vl_feeds
 from colgrid_server.encoders.export_multimodal import _Family
 from colgrid_server.encoders.image_preprocess import PreparedImage
 from colgrid_server.encoders.spec import RESAMPLE_FILTERS, EncoderSpec, ImageSpec
@@ -87,9 +87,67 @@ def _colqwen2() -> _Family:
         return ImageGraph(model)
 
     return _Family(kind="colqwen2", load=load, text_graph=text_graph, image_graph=image_graph,
-                   image_spec=_qwen2_image_spec,
+                   image_spec=_qwen2_image_spec, text_prefix=lambda p: "",
                    query_affixes=lambda p: (p.query_prefix, p.query_augmentation_token * QUERY_AUGMENTATION_TOKENS),
                    padding_side=lambda p: p.tokenizer.padding_side, processor_feeds=_qwen2_processor_feeds)
 
 
-FAMILIES: dict[str, _Family] = {"colqwen2": _colqwen2()}
+# -------------------------------------------------------------------------------- ColPali
+
+def _paligemma_image_spec(processor, model) -> ImageSpec:
+    image_processor = processor.image_processor
+    _check_steps(image_processor)
+    image_token_id = int(processor.image_token_id)
+    size = image_processor.size
+    height, width = int(size["height"]), int(size["width"])
+    patch = int(model.model.model.vision_tower.config.patch_size)
+    if (height // patch) * (width // patch) != processor.image_seq_length:
+        raise EncoderError(f"the processor puts {processor.image_seq_length} image tokens in a prompt but "
+                           f"{height}x{width} images make {(height // patch) * (width // patch)} patches")
+    probe = processor.process_images([Image.new("RGB", (width, height), (255, 255, 255))])
+    ids = probe["input_ids"][0].numpy()
+    prompt_ids = _collapse_image_run(ids, image_token_id)
+    types = probe["token_type_ids"][0].numpy()
+    at = int(np.flatnonzero(ids == image_token_id)[0])
+    prompt_types = tuple(int(t) for t in np.concatenate([types[: at + 1], types[at + processor.image_seq_length:]]))
+    return ImageSpec(
+        prompt=processor.visual_prompt_prefix, prompt_ids=prompt_ids, prompt_type_ids=prompt_types,
+        image_token=processor.image_token, image_token_id=image_token_id, resize="fixed", patch_size=patch,
+        merge_size=1, temporal_patch_size=1, height=height, width=width, resample=_resample_name(image_processor),
+        rescale_factor=float(image_processor.rescale_factor), mean=tuple(float(v) for v in image_processor.image_mean),
+        std=tuple(float(v) for v in image_processor.image_std), onnx="image.onnx")
+
+
+def _paligemma_processor_feeds(batch, spec: EncoderSpec, pad_id: int, padding_side: str):
+    pixels = batch["pixel_values"].numpy()
+    grid = (spec.image.height // spec.image.patch_size, spec.image.width // spec.image.patch_size)
+    prepared = [PreparedImage(pixels=p, grid=grid, size=(0, 0), resized=(0, 0)) for p in pixels]
+    return paligemma_feeds(prepared, spec.image, pad_id, padding_side)
+
+
+def _colpali() -> _Family:
+    def load(checkpoint, base_model):
+        from colgrid_server.encoders._torch_paligemma import load_colpali
+
+        return load_colpali(checkpoint, base_model)
+
+    def text_graph(model):
+        from colgrid_server.encoders._torch_paligemma import TextGraph
+
+        return TextGraph(model)
+
+    def image_graph(model):
+        from colgrid_server.encoders._torch_paligemma import ImageGraph
+
+        return ImageGraph(model)
+
+    return _Family(kind="colpali", load=load, text_graph=text_graph, image_graph=image_graph,
+                   image_spec=_paligemma_image_spec,
+                   # process_texts prepends <bos> to every text, queries (after query_prefix) included.
+                   text_prefix=lambda p: p.tokenizer.bos_token,
+                   query_affixes=lambda p: (p.tokenizer.bos_token + p.query_prefix,
+                                            p.query_augmentation_token * QUERY_AUGMENTATION_TOKENS),
+                   padding_side=lambda p: p.tokenizer.padding_side, processor_feeds=_paligemma_processor_feeds)
+
+
+FAMILIES: dict[str, _Family] = {"colqwen2": _colqwen2(), "colpali": _colpali()}

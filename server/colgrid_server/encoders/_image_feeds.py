@@ -57,4 +57,25 @@ def qwen2_vl_feeds(images: Sequence[PreparedImage], spec: ImageSpec, pad_id: int
     return feeds, image_rows
 
 
-FEED_BUILDERS = {"colqwen2": qwen2_vl_feeds}
+def paligemma_feeds(images: Sequence[PreparedImage], spec: ImageSpec, pad_id: int,
+                    padding_side: str) -> tuple[Feeds, list[np.ndarray]]:
+    """Fixed-size images: the prompt's image run is one token per patch; token_type_ids 0 mark
+    the image + prompt prefix that PaliGemma attends to bidirectionally."""
+    rows, types = [], []
+    prompt_types = np.asarray(spec.prompt_type_ids or [0] * len(spec.prompt_ids), dtype=np.int64)
+    for image in images:
+        n = (image.grid[0] // spec.merge_size) * (image.grid[1] // spec.merge_size)
+        ids, before, _ = _expand_prompt(spec, n)
+        rows.append(ids)
+        types.append(np.concatenate([prompt_types[:before], np.full(n, prompt_types[before]),
+                                     prompt_types[before + 1:]]))
+    input_ids, starts = pad_sequences(rows, pad_id, padding_side)
+    token_type_ids, _ = pad_sequences(types, 0, padding_side)
+    attention, _ = pad_sequences([np.ones(len(r), dtype=np.int64) for r in rows], 0, padding_side)
+    feeds = {"input_ids": input_ids, "attention_mask": attention, "token_type_ids": token_type_ids,
+             "pixel_values": np.stack([image.pixels for image in images]).astype(np.float32)}
+    image_rows = [np.flatnonzero(input_ids[i] == spec.image_token_id) for i in range(len(images))]
+    return feeds, image_rows
+
+
+FEED_BUILDERS = {"colqwen2": qwen2_vl_feeds, "colpali": paligemma_feeds}

@@ -27,5 +27,6 @@ def export_onnx(module: torch.nn.Module, sample: dict[str, torch.Tensor], path: 
 def run_torch(model: torch.nn.Module, batch) -> np.ndarray:
     """The colpali-engine model's own forward on its processor's batch: the reference."""
     model.eval()
+    inputs = {key: value for key, value in batch.items() if key != "labels"}  # PaliGemma's training labels
     with torch.inference_mode():
-        return model(**batch).float().numpy()
+        return model(**inputs).float().numpy()

@@ -13,59 +13,19 @@ the checkpoint's own layers and weights; only the data-dependent glue is rewritt
 """
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from colgrid_server.encoders._torch_text import quiet_transformers
-from colgrid_server.errors import EncoderError
-
-ADAPTER_CONFIG = "adapter_config.json"
+from colgrid_server.encoders._torch_loading import LoadedModel, load_model, project_vectors
 
 
-@dataclass(frozen=True)
-class LoadedColQwen2:
-    model: nn.Module  # colpali_engine ColQwen2, adapters merged, eval mode, float32
-    processor: object  # colpali_engine ColQwen2Processor
-    source: str
-    weight_files: tuple[Path, ...]
-    merged_adapter: bool
-
-
-def load_colqwen2(checkpoint: Path, base_model: str | Path | None = None) -> LoadedColQwen2:
-    """A local ColQwen2 checkpoint, or a LoRA adapter directory over a base (its
-    adapter_config.json names the base; `base_model` overrides it), merged into plain weights."""
+def load_colqwen2(checkpoint: Path, base_model: str | Path | None = None) -> LoadedModel:
+    """A local ColQwen2 checkpoint, or a LoRA adapter directory over a base, merged."""
     from colpali_engine.models import ColQwen2, ColQwen2Processor
 
-    from colgrid_server.encoders._torch_text import weight_files
-
-    adapter = (checkpoint / ADAPTER_CONFIG).is_file()
-    with quiet_transformers():
-        if adapter:
-            from peft import PeftModel
-
-            base = base_model or json.loads((checkpoint / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
-            if not base:
-                raise EncoderError(f"{checkpoint} is a LoRA adapter that names no base model; pass base_model")
-            model = ColQwen2.from_pretrained(base, attn_implementation="eager", dtype=torch.float32)
-            model = PeftModel.from_pretrained(model, str(checkpoint)).merge_and_unload()
-        else:
-            model = ColQwen2.from_pretrained(checkpoint, attn_implementation="eager", dtype=torch.float32)
-        processor = ColQwen2Processor.from_pretrained(checkpoint)
-    files = sorted(checkpoint.glob("adapter_model*")) if adapter else weight_files(checkpoint)
-    source = f"{checkpoint.name} (LoRA adapter merged into {base})" if adapter else checkpoint.name
-    return LoadedColQwen2(model=model.eval(), processor=processor, source=source,
-                          weight_files=tuple(files), merged_adapter=adapter)
-
-
-def _project(model: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    # As ColQwen2.forward: project, L2-normalise (plain division, as there), zero padded rows.
-    proj = model.custom_text_proj(hidden)
-    proj = proj / proj.norm(dim=-1, keepdim=True)
-    return proj * attention_mask.unsqueeze(-1).to(proj.dtype)
+    return load_model(ColQwen2, ColQwen2Processor, checkpoint, base_model)
 
 
 class TextGraph(nn.Module):
@@ -80,7 +40,7 @@ class TextGraph(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.model.language_model(input_ids=input_ids, attention_mask=attention_mask,
                                            use_cache=False).last_hidden_state
-        return _project(self.model, hidden, attention_mask)
+        return project_vectors(self.model, hidden, attention_mask)
 
 
 class ImageGraph(nn.Module):
@@ -143,4 +103,4 @@ class ImageGraph(nn.Module):
         embeds = torch.where(is_image.unsqueeze(-1), gathered.to(embeds.dtype), embeds)
         hidden = language(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
                           use_cache=False).last_hidden_state
-        return _project(self.model, hidden, attention_mask)
+        return project_vectors(self.model, hidden, attention_mask)

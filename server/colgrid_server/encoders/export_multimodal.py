@@ -97,7 +97,8 @@ class _Family:
     text_graph: Callable  # model -> nn.Module(input_ids, attention_mask)
     image_graph: Callable  # model -> nn.Module(**image feeds)
     image_spec: Callable  # (processor, model) -> ImageSpec
-    query_affixes: Callable  # processor -> (prefix, suffix)
+    text_prefix: Callable  # processor -> text its processor puts before every text (documents too)
+    query_affixes: Callable  # processor -> (prefix, suffix) around queries
     padding_side: Callable  # processor -> "left" | "right"
     processor_feeds: Callable  # (processor batch, spec, pad_id, padding_side) -> (feeds, image rows)
 
@@ -148,6 +149,7 @@ def export_multimodal(kind: str, checkpoint: str | Path, out_dir: Path, *, name:
         spec = EncoderSpec(
             kind=kind, name=label, dim=dim, query_max_length=query_max_length,
             document_max_length=document_max_length, query_marker=prefix, query_suffix=suffix,
+            document_marker=family.text_prefix(processor),
             skip_special_tokens=False, padding_side=family.padding_side(processor), query_onnx=TEXT_ONNX,
             document_onnx=TEXT_ONNX, tokenizer_file=TOKENIZER_FILE, output_name=OUTPUT_NAME,
             source=source or loaded.source, source_sha256=_sha256_files(loaded.weight_files),

@@ -31,8 +31,12 @@ TINY_MAX_PIXELS = 28 * 28 * 64  # at most 64 merged patches per image: small gra
 TINY_MIN_PIXELS = 56 * 56
 
 
-def _byte_level_bpe(vocab_size: int, special_tokens: tuple[str, ...]):
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+GEMMA_SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>")
+TINY_SIGLIP_IMAGE_SIZE = 56  # 4 x 4 patches of 14 pixels (vidore/colpali-v1.3: 448, 32 x 32)
+
+
+def _byte_level_bpe(vocab_size: int, special_tokens: tuple[str, ...], bos: str | None = None):
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -41,6 +45,9 @@ def _byte_level_bpe(vocab_size: int, special_tokens: tuple[str, ...]):
                                   show_progress=False)
     tokenizer.train_from_iterator(list(_CORPUS) * 8, trainer)
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special_tokens])
+    if bos is not None:  # Gemma's tokenizer puts <bos> first
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tokenizer.token_to_id(bos))])
     return tokenizer
 
 
@@ -116,3 +123,45 @@ def build_tiny_colqwen2_adapter(base_dir: str | Path, adapter_dir: str | Path, s
         peft_model.save_pretrained(adapter_dir)
         ColQwen2Processor.from_pretrained(base_dir).save_pretrained(adapter_dir)
     return adapter_dir
+
+
+def tiny_colpali_parts(seed: int = 0, *, image_size: int = TINY_SIGLIP_IMAGE_SIZE):
+    """(model, processor): a random ColPali (SigLIP hidden 32, 2 layers, patch 14; Gemma hidden 64,
+    2 layers, eager attention) and its ColPaliProcessor (tokenizer, SiglipImageProcessor)."""
+    import torch
+    from colpali_engine.models import ColPali, ColPaliProcessor
+    from transformers import PaliGemmaConfig, PreTrainedTokenizerFast, SiglipImageProcessor
+
+    bpe = _byte_level_bpe(300, GEMMA_SPECIAL_TOKENS, bos="<bos>")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", eos_token="<eos>",
+                                        bos_token="<bos>", unk_token="<unk>")
+    image_processor = SiglipImageProcessor(size={"height": image_size, "width": image_size},
+                                           image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    image_processor.image_seq_length = (image_size // 14) ** 2  # PaliGemmaProcessor requires it
+    # The processor adds <image> and ~1,150 <loc>/<seg> tokens: size the vocabulary after it.
+    processor = ColPaliProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    vocab = len(processor.tokenizer)
+    ids = {t: bpe.token_to_id(t) for t in GEMMA_SPECIAL_TOKENS}
+    config = PaliGemmaConfig(
+        vision_config={"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+                       "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": image_size, "patch_size": 14},
+        text_config={"model_type": "gemma", "vocab_size": vocab, "hidden_size": 64, "intermediate_size": 128,
+                     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 16,
+                     "pad_token_id": ids["<pad>"], "bos_token_id": ids["<bos>"], "eos_token_id": ids["<eos>"]},
+        image_token_index=processor.image_token_id, vocab_size=vocab, projection_dim=64, hidden_size=64)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = ColPali(config).eval()
+    return model, processor
+
+
+def build_tiny_colpali(directory: str | Path, seed: int = 0, *, image_size: int = TINY_SIGLIP_IMAGE_SIZE) -> Path:
+    """Save a tiny random ColPali checkpoint (weights, config, tokenizer, processor) to `directory`."""
+    from colgrid_server.encoders._torch_text import quiet_transformers
+
+    directory = Path(directory)
+    with quiet_transformers():
+        model, processor = tiny_colpali_parts(seed, image_size=image_size)
+        model.save_pretrained(directory)
+        processor.save_pretrained(directory)
+    return directory
