@@ -1,16 +1,33 @@
 """Per model family: how to load it, its graphs, and what its processor does (export only)."""
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
 from PIL import Image
 
 from colgrid_server.encoders._image_feeds import paligemma_feeds, qwen2_vl_feeds
-from colgrid_server.encoders.export_multimodal import _Family
 from colgrid_server.encoders.image_preprocess import PreparedImage
 from colgrid_server.encoders.spec import RESAMPLE_FILTERS, EncoderSpec, ImageSpec
 from colgrid_server.errors import EncoderError
 
 QUERY_AUGMENTATION_TOKENS = 10  # colpali-engine's process_queries appends this many
+
+
+@dataclass(frozen=True)
+class Family:
+    """What differs between model families; the export steps around it are shared."""
+
+    kind: str
+    load: Callable  # (checkpoint, base_model) -> loaded (model, processor, weight_files, merged_adapter)
+    text_graph: Callable  # model -> nn.Module(input_ids, attention_mask)
+    image_graph: Callable  # model -> nn.Module(**image feeds)
+    image_spec: Callable  # (processor, model) -> ImageSpec
+    text_prefix: Callable  # processor -> text its processor puts before every text (documents too)
+    query_affixes: Callable  # processor -> (prefix, suffix) around queries
+    padding_side: Callable  # processor -> "left" | "right"
+    processor_feeds: Callable  # (processor batch, spec, pad_id, padding_side) -> (feeds, image rows)
 
 
 def _resample_name(image_processor) -> str:
@@ -70,7 +87,7 @@ def _qwen2_processor_feeds(batch, spec: EncoderSpec, pad_id: int, padding_side: 
     return qwen2_vl_feeds(prepared, spec.image, pad_id, padding_side)
 
 
-def _colqwen2() -> _Family:
+def _colqwen2() -> Family:
     def load(checkpoint, base_model):
         from colgrid_server.encoders._torch_qwen2_vl import load_colqwen2
 
@@ -86,7 +103,7 @@ def _colqwen2() -> _Family:
 
         return ImageGraph(model)
 
-    return _Family(kind="colqwen2", load=load, text_graph=text_graph, image_graph=image_graph,
+    return Family(kind="colqwen2", load=load, text_graph=text_graph, image_graph=image_graph,
                    image_spec=_qwen2_image_spec, text_prefix=lambda p: "",
                    query_affixes=lambda p: (p.query_prefix, p.query_augmentation_token * QUERY_AUGMENTATION_TOKENS),
                    padding_side=lambda p: p.tokenizer.padding_side, processor_feeds=_qwen2_processor_feeds)
@@ -125,7 +142,7 @@ def _paligemma_processor_feeds(batch, spec: EncoderSpec, pad_id: int, padding_si
     return paligemma_feeds(prepared, spec.image, pad_id, padding_side)
 
 
-def _colpali() -> _Family:
+def _colpali() -> Family:
     def load(checkpoint, base_model):
         from colgrid_server.encoders._torch_paligemma import load_colpali
 
@@ -141,7 +158,7 @@ def _colpali() -> _Family:
 
         return ImageGraph(model)
 
-    return _Family(kind="colpali", load=load, text_graph=text_graph, image_graph=image_graph,
+    return Family(kind="colpali", load=load, text_graph=text_graph, image_graph=image_graph,
                    image_spec=_paligemma_image_spec,
                    # process_texts prepends <bos> to every text, queries (after query_prefix) included.
                    text_prefix=lambda p: p.tokenizer.bos_token,
@@ -150,4 +167,4 @@ def _colpali() -> _Family:
                    padding_side=lambda p: p.tokenizer.padding_side, processor_feeds=_paligemma_processor_feeds)
 
 
-FAMILIES: dict[str, _Family] = {"colqwen2": _colqwen2(), "colpali": _colpali()}
+FAMILIES: dict[str, Family] = {"colqwen2": _colqwen2(), "colpali": _colpali()}

@@ -30,4 +30,4 @@ def place_graph(exported: Path, directory: Path) -> tuple[str, ...]:
     onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data, size_threshold=1024)
     shutil.rmtree(exported.parent, ignore_errors=True)
-    return (data,)
+    return (data,) if (directory / data).is_file() else ()  # small tensors stay inline

@@ -14,9 +14,10 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -26,6 +27,9 @@ from colgrid_server.encoders import _onnx_files
 from colgrid_server.encoders.export_text import _fsync_tree, _publish, _require_free, _sha256_files, _tokenizer_json
 from colgrid_server.encoders.spec import EncoderSpec, ImageParity, ImageSpec, ParityFigures, encoder_id, write_spec
 from colgrid_server.errors import ColgridError, EncoderError, InvalidArgument
+
+if TYPE_CHECKING:
+    from colgrid_server.encoders._families import Family
 
 TEXT_ONNX = "text.onnx"
 IMAGE_ONNX = "image.onnx"
@@ -88,21 +92,6 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sum(a * b, axis=-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)
 
 
-@dataclass(frozen=True)
-class _Family:
-    """What differs between model families; the export steps around it are shared."""
-
-    kind: str
-    load: Callable  # (checkpoint, base_model) -> loaded (model, processor, weight_files, merged_adapter)
-    text_graph: Callable  # model -> nn.Module(input_ids, attention_mask)
-    image_graph: Callable  # model -> nn.Module(**image feeds)
-    image_spec: Callable  # (processor, model) -> ImageSpec
-    text_prefix: Callable  # processor -> text its processor puts before every text (documents too)
-    query_affixes: Callable  # processor -> (prefix, suffix) around queries
-    padding_side: Callable  # processor -> "left" | "right"
-    processor_feeds: Callable  # (processor batch, spec, pad_id, padding_side) -> (feeds, image rows)
-
-
 def export_multimodal(kind: str, checkpoint: str | Path, out_dir: Path, *, name: str | None = None,
                       base_model: str | Path | None = None, query_max_length: int = 512,
                       document_max_length: int = 2048, source: str | None = None,
@@ -122,7 +111,7 @@ def export_multimodal(kind: str, checkpoint: str | Path, out_dir: Path, *, name:
     started = time.perf_counter()
     if kind not in FAMILIES:
         raise InvalidArgument(f"multimodal export handles {sorted(FAMILIES)}, got {kind!r}", field="kind")
-    family: _Family = FAMILIES[kind]
+    family = FAMILIES[kind]
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     if not ((checkpoint / "config.json").is_file() or (checkpoint / "adapter_config.json").is_file()):
         raise InvalidArgument(f"{checkpoint} is not a local Hugging Face checkpoint or LoRA adapter "
@@ -239,7 +228,7 @@ def _to_numpy(batch) -> dict[str, np.ndarray]:
     return {key: value.numpy() for key, value in batch.items()}
 
 
-def _export_graphs(family: _Family, model, processor, spec: EncoderSpec, tmp: Path) -> tuple[str, ...]:
+def _export_graphs(family: Family, model, processor, spec: EncoderSpec, tmp: Path) -> tuple[str, ...]:
     """Write text.onnx and image.onnx into `tmp` (each exported in a folder of its own first, so
     per-tensor weight files of large models never mix); returns external data files written."""
     import torch
@@ -303,7 +292,7 @@ def _image_token_rows(input_ids: np.ndarray, image_token_id: int) -> list[np.nda
     return [np.flatnonzero(row == image_token_id) for row in input_ids]
 
 
-def _graph_image_parity(family: _Family, tmp: Path, spec: EncoderSpec, processor, batch, reference: np.ndarray,
+def _graph_image_parity(family: Family, tmp: Path, spec: EncoderSpec, processor, batch, reference: np.ndarray,
                         images: Sequence[Image.Image]) -> ImageParity:
     from colgrid_server.encoders._session import CPU, create_session
 
