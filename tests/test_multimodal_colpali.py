@@ -63,7 +63,7 @@ def test_export_reports_parity_at_or_above_0_999(report: MultimodalExportReport)
     assert min(report.query_min_cosine, report.image_min_cosine, report.end_to_end_min_cosine) >= MIN_COSINE
 
 
-def test_encoder_json_records_fixed_size_preprocessing_and_the_bos_prefix(encoder: MultimodalEncoder, reference) -> None:
+def test_encoder_json_records_fixed_size_preprocessing_and_the_bos_prefix(encoder, reference) -> None:
     _, processor = reference
     image, spec = encoder.image_spec, encoder.spec
     assert (image.resize, image.height, image.width, image.patch_size, image.merge_size) == ("fixed", 56, 56, 14, 1)

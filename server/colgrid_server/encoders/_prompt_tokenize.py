@@ -76,7 +76,8 @@ class PromptTokenizer:
                              spans=np.asarray([spans[i] for i in kept], dtype=np.int32).reshape(-1, 2))
 
 
-def pad_sequences(rows: Sequence[np.ndarray], pad_value: int, side: str, dtype=np.int64) -> tuple[np.ndarray, np.ndarray]:
+def pad_sequences(rows: Sequence[np.ndarray], pad_value: int, side: str,
+                  dtype=np.int64) -> tuple[np.ndarray, np.ndarray]:
     """(padded (B, L), starts (B,)): rows padded to the longest on `side` ("left" or "right");
     starts[i] is where row i's real values begin."""
     length = max(len(r) for r in rows)

@@ -238,8 +238,9 @@ def _export_graphs(family: Family, model, processor, spec: EncoderSpec, tmp: Pat
     queries = processor.process_queries(list(_TRACE_QUERIES))
     tokens = {0: "batch", 1: "tokens"}
     text_path = Path(tempfile.mkdtemp(prefix=".text-", dir=tmp)) / TEXT_ONNX
-    export_onnx(family.text_graph(model), {"input_ids": queries["input_ids"], "attention_mask": queries["attention_mask"]},
-                text_path, OUTPUT_NAME, {"input_ids": tokens, "attention_mask": tokens, OUTPUT_NAME: tokens})
+    sample = {"input_ids": queries["input_ids"], "attention_mask": queries["attention_mask"]}
+    export_onnx(family.text_graph(model), sample, text_path, OUTPUT_NAME,
+                {"input_ids": tokens, "attention_mask": tokens, OUTPUT_NAME: tokens})
     extra = _onnx_files.place_graph(text_path, tmp)
     # Two sizes in the trace batch, so padding is part of what gets traced.
     block = spec.image.patch_size * spec.image.merge_size
@@ -248,8 +249,9 @@ def _export_graphs(family: Family, model, processor, spec: EncoderSpec, tmp: Pat
     feeds, _ = family.processor_feeds(processor.process_images(trace_images), spec, _pad_id(processor),
                                       spec.padding_side)
     patches = {0: "batch", 1: "patches"}
-    axes = {"input_ids": tokens, "attention_mask": tokens, "token_type_ids": tokens, "position_ids": {1: "batch", 2: "tokens"},
-            "pixel_values": patches, "patch_positions": patches, "patch_mask": patches, OUTPUT_NAME: tokens}
+    axes = {"input_ids": tokens, "attention_mask": tokens, "token_type_ids": tokens,
+            "position_ids": {1: "batch", 2: "tokens"}, "pixel_values": patches, "patch_positions": patches,
+            "patch_mask": patches, OUTPUT_NAME: tokens}
     if "pixel_values" in feeds and feeds["pixel_values"].ndim == 4:  # fixed-size images: (batch, 3, H, W)
         axes["pixel_values"] = {0: "batch"}
     image_path = Path(tempfile.mkdtemp(prefix=".image-", dir=tmp)) / IMAGE_ONNX

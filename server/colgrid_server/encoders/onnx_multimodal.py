@@ -115,7 +115,6 @@ class MultimodalEncoder:
 
     def encode_images(self, images: Sequence[Image.Image], batch_size: int = 4) -> list[EncodedImage]:
         """One multi-vector per image: a vector per merged patch, with its grid cell and pixel box."""
-        _check_batch_size(batch_size)
         return self.encode_prepared(self.prepare_images(images), batch_size)
 
     def encode_prepared(self, prepared: Sequence[PreparedImage], batch_size: int = 4) -> list[EncodedImage]:

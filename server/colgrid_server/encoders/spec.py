@@ -92,7 +92,8 @@ class ImageSpec:
 
     def __post_init__(self) -> None:
         if self.resize not in RESIZE_MODES:
-            raise InvalidArgument(f"image resize must be one of {RESIZE_MODES}, got {self.resize!r}", field="image.resize")
+            raise InvalidArgument(f"image resize must be one of {RESIZE_MODES}, got {self.resize!r}",
+                                  field="image.resize")
         if self.resample not in RESAMPLE_FILTERS:
             raise InvalidArgument(f"image resample must be one of {RESAMPLE_FILTERS}, got {self.resample!r}",
                                   field="image.resample")
