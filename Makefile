@@ -10,12 +10,14 @@ PORT ?= 50051
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml client/pyproject.toml
+$(STAMP): pyproject.toml client/pyproject.toml Makefile
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
 	# torch and torchvision are taken from this machine's disk when present (see README).
 	$(VENV)/bin/python -m pip install torch==2.14.1 torchvision==0.29.1
 	$(VENV)/bin/python -m pip install -e ./client -e '.[export,dev]'
+	# ColPali/ColQwen2 model code for export; its torch<2.14 pin is too strict (works on 2.14.1).
+	$(VENV)/bin/python -m pip install --no-deps colpali-engine==0.3.18
 	touch $(STAMP)
 
 demo: $(STAMP)
