@@ -14,7 +14,8 @@ from colgrid_server.builder import build_index
 from colgrid_server.paths import DataDir
 from colgrid_server.serving import BUCKETS, bucket_of
 from tests.test_rollout_support import (  # noqa: F401 - fixtures
-    INDEX, QUERIES, build_versions, rollout_documents, serving, three_versions, tiny_encoder_dir)
+    INDEX, QUERIES, rollout_documents, serving, three_versions, tiny_checkpoint, tiny_encoder_dir,
+    version_template)
 
 QUERY = "parse a JSON document"
 

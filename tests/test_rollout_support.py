@@ -29,31 +29,67 @@ QUERIES = ["parse a JSON document", "open a file for reading", "sort a list in p
            "compress data with zlib", "spawn a subprocess", "read environment variables", "hash a password"]
 
 
+# pytest runs a session fixture once per module that imports it; these fixtures are shared by
+# several modules, so they keep their value here, once per test session.
+_SESSION: dict[tuple[int, str], object] = {}
+
+
+def _once(factory: pytest.TempPathFactory, key: str, make):
+    slot = (id(factory), key)
+    if slot not in _SESSION:
+        _SESSION[slot] = make()
+    return _SESSION[slot]
+
+
 @pytest.fixture(scope="session")
-def rollout_documents() -> list[Document]:
+def rollout_documents(tmp_path_factory: pytest.TempPathFactory) -> list[Document]:
     from colgrid_server.corpus import iter_docstring_documents
 
-    return list(iter_docstring_documents(limit=8 * DOCS_PER_VERSION))
+    return _once(tmp_path_factory, "documents", lambda: list(iter_docstring_documents(limit=8 * DOCS_PER_VERSION)))
 
 
 @pytest.fixture(scope="session")
-def tiny_encoder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised 1-layer BERT (hidden 32) with MiniLM's tokenizer."""
+    def make() -> Path:
+        import torch
+        from transformers import BertConfig, BertModel
+
+        from colgrid_server.encoders import bundled_checkpoint
+
+        checkpoint = tmp_path_factory.mktemp("tiny-bert-checkpoint")
+        torch.manual_seed(0)
+        config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                            intermediate_size=64)
+        BertModel(config, add_pooling_layer=False).save_pretrained(checkpoint)
+        for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+            shutil.copy(bundled_checkpoint() / name, checkpoint / name)
+        return checkpoint
+
+    return _once(tmp_path_factory, "checkpoint", make)
+
+
+def _export(factory: pytest.TempPathFactory, checkpoint: Path, name: str, **options) -> Path:
+    from colgrid_server.encoders import export_text_encoder
+
+    def make() -> Path:
+        out = factory.mktemp("tiny-encoders") / name
+        export_text_encoder(checkpoint, out, name=name, progress=False, **options)
+        return out
+
+    return _once(factory, name, make)
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_dir(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real ONNX text encoder small enough to export in well under a second (dim 32)."""
-    import torch
-    from transformers import BertConfig, BertModel
+    return _export(tmp_path_factory, tiny_checkpoint, "tiny-bert")
 
-    from colgrid_server.encoders import bundled_checkpoint, export_text_encoder
 
-    checkpoint = tmp_path_factory.mktemp("tiny-bert-checkpoint")
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=64)
-    BertModel(config, add_pooling_layer=False).save_pretrained(checkpoint)
-    for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(bundled_checkpoint() / name, checkpoint / name)
-    out = tmp_path_factory.mktemp("tiny-encoders") / "tiny-bert"
-    export_text_encoder(checkpoint, out, name="tiny-bert", progress=False)
-    return out
+@pytest.fixture(scope="session")
+def other_tiny_encoder_dir(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Another encoder (its own identity): the same weights, queries cut at 8 tokens."""
+    return _export(tmp_path_factory, tiny_checkpoint, "tiny-bert-short", query_max_length=8)
 
 
 def build_versions(data_dir: Path, encoder: Path, documents: Sequence[Document], count: int, *,
@@ -105,10 +141,32 @@ def serving(data_dir: Path, **overrides) -> Iterator[Served]:
         stop_live_server(server, thread)
 
 
+@pytest.fixture(scope="session")
+def version_template(tmp_path_factory: pytest.TempPathFactory, tiny_encoder_dir: Path,
+                     rollout_documents: list[Document]) -> Path:
+    """v1 (stable), v2, v3 of `docs`, built once: tests get a registry copy pointing at them."""
+    def make() -> Path:
+        root = tmp_path_factory.mktemp("rollout-template")
+        assert build_versions(root, tiny_encoder_dir, rollout_documents, 3) == ["v1", "v2", "v3"]
+        return root
+
+    return _once(tmp_path_factory, "template", make)
+
+
 @pytest.fixture()
-def three_versions(tmp_path: Path, tiny_encoder_dir: Path, rollout_documents: list[Document]) -> Path:
-    """A data dir whose index `docs` has v1 (stable), v2 and v3 READY, each on other documents."""
-    assert build_versions(tmp_path, tiny_encoder_dir, rollout_documents, 3) == ["v1", "v2", "v3"]
+def three_versions(tmp_path: Path, version_template: Path) -> Path:
+    """A data dir whose index `docs` has v1 (stable), v2 and v3 READY, each on other documents
+    (40 each: documents 0-39, 40-79, 80-119). Its registry is its own; the version files are
+    shared with other tests, so a test that damages files builds its own version first."""
+    template = DataDir(version_template)
+    data = DataDir(tmp_path)
+    for suffix in ("", "-wal", "-shm"):
+        source = template.registry_file.with_name(template.registry_file.name + suffix)
+        if source.exists():
+            shutil.copy2(source, data.registry_file.with_name(source.name))
+    data.encoders.mkdir(parents=True)
+    for encoder in template.encoders.iterdir():
+        (data.encoders / encoder.name).symlink_to(encoder.resolve(), target_is_directory=True)
     return tmp_path
 
 

@@ -1,4 +1,5 @@
-"""`colgrid` command line: serve, demo, encoder export, index build, registry, search, encode.
+"""`colgrid` command line: serve, demo, encoder export, index build, registry, search, encode,
+rollout (in cli_rollout).
 
 Heavy imports (torch, onnxruntime, zarr) happen inside the verbs that need them, so `colgrid
 search` and `--help` start fast.
@@ -13,6 +14,8 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+from colgrid_server.cli_rollout import add_rollout_verbs
 
 DEMO_INDEX = "stdlib"
 
@@ -299,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("text")
     client_opts(p)
     p.set_defaults(fn=cmd_encode)
+
+    add_rollout_verbs(verbs, client_opts)
     return parser
 
 
