@@ -21,6 +21,7 @@ import random
 import re
 import resource
 import shutil
+import subprocess
 import sys
 import sysconfig
 import time
@@ -33,8 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from colgrid_server.corpus import iter_docstring_documents
-from colgrid_server.documents import Document
+from colgrid_server.corpus import iter_docstring_documents, write_jsonl
+from colgrid_server.documents import Document, read_jsonl
 from colgrid_server.encoders import EncodedText, ensure_default_encoder, load_encoder
 from colgrid_server.index import LoadedVersion, build_version, open_version, version_exists
 from colgrid_server.search import DEFAULT_N_CANDIDATES, DEFAULT_NPROBE, SearchParams, Searcher, maxsim_scores
@@ -79,6 +80,21 @@ def split_corpus(n_docs: int, n_queries: int, seed: int) -> tuple[list[Document]
     if len(queries) < n_queries:
         sys.exit(f"only {len(queries)} usable held-out docstrings for --queries {n_queries}; lower --docs")
     return indexed, queries
+
+
+def cached_corpus(work: Path, n_docs: int, n_queries: int, seed: int, rescan: bool) -> tuple[list[Document], list[Query], bool]:
+    """The corpus split saved by an earlier run, else a fresh one (saved for the next run).
+    Installing a package changes the scanned corpus; reusing the saved split keeps reruns
+    comparable and their caches valid."""
+    base = work / "corpus" / f"{n_docs}docs-{n_queries}queries-seed{seed}"
+    docs_path, queries_path = base.with_suffix(".docs.jsonl"), base.with_suffix(".queries.json")
+    if docs_path.is_file() and queries_path.is_file() and not rescan:
+        queries = [Query(**q) for q in json.loads(queries_path.read_text(encoding="utf-8"))]
+        return list(read_jsonl(docs_path)), queries, True
+    docs, queries = split_corpus(n_docs, n_queries, seed)
+    write_jsonl(docs, docs_path)
+    atomic_write(queries_path, json.dumps([asdict(q) for q in queries], ensure_ascii=False))
+    return docs, queries, False
 
 
 def first_sentence(text: str) -> str | None:
@@ -183,6 +199,8 @@ def ensure_version(docs: list[Document], work: Path, encoder: Any, encoder_dir: 
         os.rename(final_dir, replay_dir)
     elif final_dir.exists():
         shutil.rmtree(final_dir)
+    for stale in final_dir.parent.glob(f".{final_dir.name}.tmp-*"):  # left by an interrupted build
+        shutil.rmtree(stale, ignore_errors=True)
     log(f"building {len(docs)} documents into {final_dir} ({'replaying cached embeddings' if replay_dir else 'encoding'})")
     child = multiprocessing.get_context("spawn").Process(
         target=build_child,
@@ -339,6 +357,16 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message} (peak RSS {peak_rss_mb():.0f} MB)", file=sys.stderr, flush=True)
 
 
+def code_version() -> dict[str, Any]:
+    """The commit measured, and whether the server code differed from it."""
+
+    def git(*argv: str) -> str:
+        run = subprocess.run(["git", *argv], cwd=HERE.parent, capture_output=True, text=True, check=False)
+        return run.stdout.strip()
+
+    return {"commit": git("rev-parse", "HEAD"), "server_code_modified": bool(git("status", "--porcelain", "--", "server"))}
+
+
 def machine() -> dict[str, Any]:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
@@ -405,6 +433,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--kernel-docs", type=int, default=1000, help="candidates in the MaxSim kernel measurement")
     p.add_argument("--kernel-repeats", type=int, default=20)
     p.add_argument("--threads", type=int, default=None, help="torch and ONNX Runtime threads (default: theirs)")
+    p.add_argument("--rescan", action="store_true", help="scan the installed sources again instead of reusing the saved corpus")
     p.add_argument("--rebuild", action="store_true", help="rebuild the index (reusing cached embeddings)")
     return p.parse_args(argv)
 
@@ -416,12 +445,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     work = args.work_dir.resolve()
-    report: dict[str, Any] = {"machine": machine(), "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    report: dict[str, Any] = {"machine": machine(), "code": code_version(), "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
 
     started = time.perf_counter()
-    docs, queries = split_corpus(args.docs, args.queries, args.seed)
-    log(f"corpus: {len(docs)} documents, {len(queries)} queries ({time.perf_counter() - started:.1f} s)")
+    docs, queries, corpus_cached = cached_corpus(work, args.docs, args.queries, args.seed, args.rescan)
+    log(f"corpus{' (cached)' if corpus_cached else ''}: {len(docs)} documents, {len(queries)} queries "
+        f"({time.perf_counter() - started:.1f} s)")
     report["corpus"] = {
+        "cached": corpus_cached,
         "roots": [str(r) for r in corpus_roots()],
         "documents": len(docs),
         "queries": len(queries),
