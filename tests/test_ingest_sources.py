@@ -238,17 +238,20 @@ def test_concurrent_pdf_ingests_render_the_same_pages(report_pdf: Path) -> None:
         assert len(pages) == 3 and all(np.array_equal(a, b) for a, b in zip(pages, expected))
 
 
-def test_the_iterator_holds_no_page_the_caller_let_go(report_pdf: Path) -> None:
-    gc.disable()  # reference counting alone must free each page
-    try:
-        pages = iter_sources(report_pdf, pdf_dpi=LOW_DPI)
-        first = next(pages)
-        ref = weakref.ref(first.image)
-        del first
-        second = next(pages)
-        assert ref() is None and second.id == "report.pdf#p2"
-    finally:
-        gc.enable()
+def _live_images(size: tuple[int, int]) -> int:
+    return sum(1 for o in gc.get_objects() if isinstance(o, Image.Image) and o.size == size)
+
+
+def test_a_page_the_caller_let_go_is_freed_before_the_next_one_renders(tmp_path: Path) -> None:
+    size = (123, 321)  # a page size no other test renders, so only this PDF's pages count
+    pages = iter_sources(write_pdf_with_pages(tmp_path / "odd.pdf", [size] * 3), pdf_dpi=72)
+    first = next(pages)
+    alive_when_freed: list[int] = []
+    weakref.finalize(first.image, lambda: alive_when_freed.append(_live_images(size)))
+    del first
+    second = next(pages)
+    assert alive_when_freed == [0]  # page 1 went before page 2 existed
+    assert second.id == "odd.pdf#p2" and _live_images(size) == 1
 
 
 # -------------------------------------------------------------------------------- images
@@ -346,14 +349,18 @@ def test_empty_and_non_utf8_text_files_are_errors(tmp_path: Path) -> None:
 def test_a_bad_jsonl_line_is_one_error_and_the_other_lines_index(tmp_path: Path) -> None:
     lines = [json.dumps({"id": "d1", "text": "first", "metadata": {"lang": "en", "source": "crm"}}),
              "{not json", json.dumps({"id": "d3", "text": ""}), "", json.dumps({"id": "d4", "text": "fourth"})]
-    (tmp_path / "docs.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    latin1 = json.dumps({"id": "d6", "text": "café"}, ensure_ascii=False).encode("latin-1")
+    (tmp_path / "docs.jsonl").write_bytes(("\n".join(lines) + "\n").encode("utf-8") + latin1 + b"\n"
+                                          + json.dumps({"id": "d7", "text": "seventh"}).encode("utf-8"))
     results = list(iter_sources(tmp_path))
     items, errors = split(results)
-    assert [i.id for i in items] == ["d1", "d4"]
+    assert [i.id for i in items] == ["d1", "d4", "d7"]
     assert items[0].metadata == {"lang": "en", "source": "crm", "line": 1}  # the user's own keys win
     assert items[1].metadata == {"source": "docs.jsonl", "line": 5}
     assert [(e.id, e.code) for e in errors] == [("docs.jsonl#L2", ErrorCode.INVALID_DOCUMENT),
-                                                ("docs.jsonl#L3", ErrorCode.INVALID_DOCUMENT)]
+                                                ("docs.jsonl#L3", ErrorCode.INVALID_DOCUMENT),
+                                                ("docs.jsonl#L6", ErrorCode.INVALID_DOCUMENT)]
+    assert "not UTF-8" in errors[2].reason
 
 
 # ------------------------------------------------------------------------- walking, ids

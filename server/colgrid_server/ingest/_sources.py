@@ -157,22 +157,25 @@ def _text_file(path: Path, rel: str, mime: str) -> SourceItem | SourceError:
 def _jsonl_file(path: Path, rel: str) -> Iterator[SourceItem | SourceError]:
     """The `documents.read_jsonl` format (`id`, `text`, optional `metadata` per line, validated by
     `validate_document`), read line by line so one bad line is one error and the others still
-    index (read_jsonl stops at the first bad line)."""
+    index (read_jsonl stops at the first bad line). Lines are decoded one by one for the same reason."""
     try:
-        fh = open(path, encoding="utf-8")
+        fh = open(path, "rb")
     except OSError as exc:
         yield SourceError(id=rel, path=str(path), code=ErrorCode.UNREADABLE,
                           reason=f"cannot read the file: {exc.strerror or exc}")
         return
     with fh:
-        lineno = 0
-        try:
-            for lineno, line in enumerate(fh, start=1):
-                if line.strip():
-                    yield _jsonl_line(line, lineno, path, rel)
-        except UnicodeDecodeError as exc:
-            yield SourceError(id=f"{rel}#L{lineno + 1}", path=str(path), code=ErrorCode.INVALID_DOCUMENT,
-                              reason=f"line {lineno + 1} is not UTF-8 ({exc.reason}); the rest of the file is skipped")
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield SourceError(id=f"{rel}#L{lineno}", path=str(path), code=ErrorCode.INVALID_DOCUMENT,
+                                  reason=f"line {lineno} is not UTF-8 (byte {exc.start}); convert the file to UTF-8")
+                continue
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")  # a byte-order mark is not part of the JSON
+            if line.strip():
+                yield _jsonl_line(line, lineno, path, rel)
 
 
 def _jsonl_line(line: str, lineno: int, path: Path, rel: str) -> SourceItem | SourceError:
