@@ -10,6 +10,8 @@ import gc
 import io
 import json
 import struct
+import subprocess
+import sys
 import threading
 import weakref
 import zlib
@@ -438,3 +440,11 @@ def test_page_image_names_are_flat_safe_and_distinct() -> None:
 def test_text_items_have_no_page_image(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgument):
         save_page_image(SourceItem(id="t", kind="text", text="words", image=None), tmp_path)
+
+
+def test_ingest_imports_neither_torch_nor_matplotlib(tmp_path: Path) -> None:
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    code = (f"import sys; from colgrid_server.ingest import iter_sources; list(iter_sources({str(tmp_path)!r})); "
+            "print(sorted(m for m in ('matplotlib', 'torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "[]"
