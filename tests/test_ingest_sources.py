@@ -397,6 +397,9 @@ def test_limits_are_checked_before_any_file_is_read(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgument) as err:
         next(iter_sources(tmp_path, pdf_dpi=0))
     assert err.value.field == "pdf_dpi"
+    with pytest.raises(InvalidArgument) as err:
+        next(iter_sources(tmp_path, page_image_dir=tmp_path / "pages", page_image_format="gif"))
+    assert err.value.field == "format"
 
 
 def test_a_source_item_carries_exactly_its_own_payload() -> None:

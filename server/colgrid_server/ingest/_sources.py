@@ -9,7 +9,7 @@ from pathlib import Path
 from colgrid_server.documents import MAX_DOC_ID_CHARS, Document, validate_document
 from colgrid_server.errors import FailedPrecondition, InvalidArgument
 from colgrid_server.ingest._images import IMAGE_SUFFIXES, iter_image
-from colgrid_server.ingest._page_images import PageImageFormat, save_page_image
+from colgrid_server.ingest._page_images import PageImageFormat, page_image_name, save_page_image
 from colgrid_server.ingest._pdf import iter_pdf
 from colgrid_server.ingest._types import ErrorCode, SourceError, SourceItem
 
@@ -32,6 +32,8 @@ def iter_sources(paths: Iterable[str | os.PathLike[str]] | str | os.PathLike[str
     (`save_page_image`) and its metadata gets `page_image`, the file's path relative to that dir.
     """
     _check_limits(pdf_dpi, max_image_pixels, max_pdf_pages)
+    if page_image_dir is not None:
+        page_image_name("check", page_image_format)  # refuses an unknown format before any work
     roots = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     seen: set[str] = set()
     for root in roots:
