@@ -142,30 +142,50 @@ def test_a_refused_transition_is_a_failed_precondition_and_a_bad_percent_an_inva
         assert s.client.get_rollout(INDEX).rollout.generation == 1
 
 
-def test_a_stream_keeps_its_version_across_a_promote_which_unloads_only_after_it_ends(three_versions):
+def test_a_stream_keeps_its_version_across_changes_and_its_version_unloads_only_after_it_ends(three_versions):
     feed: queue.Queue[str | None] = queue.Queue()
 
     def queries():
         while (query := feed.get()) is not None:
             yield query
 
+    def held() -> dict:
+        return {v.version: (v.roles, v.draining, v.in_flight) for v in s.client.get_rollout(INDEX).versions}
+
     with serving(three_versions) as s:
         s.client.start_canary(INDEX, "v2", 0)
         results = s.client.search_stream(INDEX, queries(), k=3)
         feed.put(QUERIES[0])
-        first = next(results)
-        s.client.promote(INDEX)
-        held = {v.version: v for v in s.client.get_rollout(INDEX).versions}
-        assert (held["v1"].draining, held["v1"].in_flight, held["v1"].roles) == (True, 1, ())
-        assert held["v2"].roles == ("stable",)
+        answered = [next(results).version]
 
+        s.client.promote(INDEX)  # v1 stays loaded as the previous stable, for an instant rollback
+        assert held()["v1"] == (("previous",), False, 1)
         feed.put(QUERIES[1])
-        second = next(results)
-        assert answering_versions(s.client) == {"v2"}
+        answered.append(next(results).version)
+
+        s.client.set_stable(INDEX, "v3")  # now nothing names v1: it drains, then unloads
+        assert held()["v1"] == ((), True, 1)
+        feed.put(QUERIES[2])
+        answered.append(next(results).version)
+        assert answering_versions(s.client) == {"v3"}
+
         feed.put(None)
         assert list(results) == []
-        assert wait_until(lambda: "v1" not in {v.version for v in s.client.get_rollout(INDEX).versions})
-    assert (first.version, second.version) == ("v1", "v1")
+        assert wait_until(lambda: "v1" not in held())
+        assert set(held()) == {"v2", "v3"}
+    assert answered == ["v1", "v1", "v1"]
+
+
+def test_a_rollback_flips_to_the_previous_stable_still_loaded(three_versions):
+    with serving(three_versions) as s:
+        s.client.start_canary(INDEX, "v2", 50)
+        s.client.promote(INDEX)
+        previous = s.state.snapshot()[INDEX].standby
+        assert previous is not None and previous.version == "v1"
+        rolled_back = s.client.rollback(INDEX)
+        assert s.state.snapshot()[INDEX].stable is previous  # the same loaded object: nothing reloaded
+        assert {v.version: v.roles for v in rolled_back.versions} == {"v1": ("stable",), "v2": ("previous",)}
+        assert answering_versions(s.client) == {"v1"}
 
 
 def test_a_retired_version_closes_only_when_its_last_lease_ends(three_versions):

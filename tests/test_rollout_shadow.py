@@ -12,8 +12,8 @@ from colgrid_server.paths import DataDir
 from colgrid_server.search import SearchParams
 from colgrid_server.serving import Query, ShadowRunner, load_version, overlap_at_k, rank_biased_overlap
 from tests.test_rollout_support import (  # noqa: F401 - fixtures
-    INDEX, QUERIES, build_versions, rollout_documents, serving, three_versions, tiny_checkpoint,
-    tiny_encoder_dir, version_template)
+    INDEX, QUERIES, build_versions, narrow_encoder_dir, rollout_documents, serving, three_versions,
+    tiny_checkpoint, tiny_encoder_dir, version_template)
 
 REQUESTS = [(QUERIES[i % len(QUERIES)], f"user-{i}") for i in range(32)]
 
@@ -50,19 +50,27 @@ def test_shadow_never_changes_a_response_and_records_overlap_per_version_pair(
     assert same.shadow_p50_ms > 0 and same.primary_p95_ms >= same.primary_p50_ms > 0
 
 
-def test_a_failing_shadow_never_surfaces_an_error(three_versions):
+def test_a_failing_shadow_never_surfaces_an_error(three_versions, narrow_encoder_dir, rollout_documents):
+    """Query vectors computed for the stable encoder (dim 32) cannot run on a shadow built with
+    a 16-dim encoder: every shadow search fails, and no caller sees it."""
+    (narrow,) = build_versions(three_versions, narrow_encoder_dir, rollout_documents, 1, first=3)
     with serving(three_versions) as s:
-        baseline = answers(s.client)
-        s.client.set_shadow(INDEX, "v2")
-        shadow = s.state.snapshot()[INDEX].shadow
-        shadow.loaded.tokens = shadow.loaded.tokens[:, :5]  # corrupt it in memory, after its checks
-        assert answers(s.client) == baseline
+        encoder = s.state.snapshot()[INDEX].stable.encoder
+        vectors = {q: encoder.encode_queries([q])[0].vectors for q in QUERIES}
+
+        def by_vectors() -> list:
+            results = [s.client.search(INDEX, query_vectors=vectors[q], k=5, routing_key=key) for q, key in REQUESTS]
+            return [(r.version, [h.doc_id for h in r.hits], [h.score for h in r.hits]) for r in results]
+
+        baseline = by_vectors()
+        s.client.set_shadow(INDEX, narrow)
+        assert by_vectors() == baseline
         assert s.state.shadow.drain()
         status = s.client.get_rollout(INDEX)
-    failed = only(status.shadow_stats, "v1", "v2")
+    failed = only(status.shadow_stats, "v1", narrow)
     assert (failed.sampled, failed.errors, failed.compared) == (32, 32, 0)
-    assert failed.last_error
-    assert status.rollout.shadow == "v2" and status.load_errors == ()
+    assert "dim" in failed.last_error or "shape" in failed.last_error
+    assert status.rollout.shadow == narrow and status.load_errors == ()
 
 
 def test_shadow_percent_mirrors_that_share_of_requests(three_versions):

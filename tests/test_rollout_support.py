@@ -48,36 +48,38 @@ def rollout_documents(tmp_path_factory: pytest.TempPathFactory) -> list[Document
     return _once(tmp_path_factory, "documents", lambda: list(iter_docstring_documents(limit=8 * DOCS_PER_VERSION)))
 
 
+def make_tiny_checkpoint(path: Path, hidden: int = 32) -> Path:
+    """Save a randomly initialised (seeded) 1-layer BERT with MiniLM's tokenizer."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from colgrid_server.encoders import bundled_checkpoint
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=2 * hidden)
+    BertModel(config, add_pooling_layer=False).save_pretrained(path)
+    for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(bundled_checkpoint() / name, path / name)
+    return path
+
+
+def export_tiny_encoder(checkpoint: Path, out: Path, **options) -> Path:
+    from colgrid_server.encoders import export_text_encoder
+
+    export_text_encoder(checkpoint, out, name=out.name, progress=False, **options)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A randomly initialised 1-layer BERT (hidden 32) with MiniLM's tokenizer."""
-    def make() -> Path:
-        import torch
-        from transformers import BertConfig, BertModel
-
-        from colgrid_server.encoders import bundled_checkpoint
-
-        checkpoint = tmp_path_factory.mktemp("tiny-bert-checkpoint")
-        torch.manual_seed(0)
-        config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                            intermediate_size=64)
-        BertModel(config, add_pooling_layer=False).save_pretrained(checkpoint)
-        for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
-            shutil.copy(bundled_checkpoint() / name, checkpoint / name)
-        return checkpoint
-
-    return _once(tmp_path_factory, "checkpoint", make)
+    return _once(tmp_path_factory, "checkpoint",
+                 lambda: make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-bert-checkpoint")))
 
 
 def _export(factory: pytest.TempPathFactory, checkpoint: Path, name: str, **options) -> Path:
-    from colgrid_server.encoders import export_text_encoder
-
-    def make() -> Path:
-        out = factory.mktemp("tiny-encoders") / name
-        export_text_encoder(checkpoint, out, name=name, progress=False, **options)
-        return out
-
-    return _once(factory, name, make)
+    return _once(factory, name, lambda: export_tiny_encoder(checkpoint, factory.mktemp("tiny-encoders") / name,
+                                                            **options))
 
 
 @pytest.fixture(scope="session")
@@ -139,6 +141,16 @@ def serving(data_dir: Path, **overrides) -> Iterator[Served]:
         client.close()
         registry.close()
         stop_live_server(server, thread)
+
+
+@pytest.fixture(scope="session")
+def narrow_encoder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A third encoder, of another dimension (16): its versions cannot take 32-dim query vectors."""
+    def make() -> Path:
+        checkpoint = make_tiny_checkpoint(tmp_path_factory.mktemp("narrow-bert-checkpoint"), hidden=16)
+        return export_tiny_encoder(checkpoint, tmp_path_factory.mktemp("tiny-encoders") / "narrow-bert")
+
+    return _once(tmp_path_factory, "narrow-bert", make)
 
 
 @pytest.fixture(scope="session")

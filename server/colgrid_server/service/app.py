@@ -37,6 +37,7 @@ SERVICE_NAMES = tuple(pb.DESCRIPTOR.services_by_name[name].full_name
 # A replica counts as live (and is waited for) while its last heartbeat is this many poll
 # intervals old at most, and never less than LIVE_MIN_SECONDS.
 LIVE_POLLS = 3
+ADMIN_THREADS = 2
 LIVE_MIN_SECONDS = 10.0
 
 
@@ -57,6 +58,7 @@ class RunningServer:
     replica: Replica
     health: HealthServicer
     executor: ThreadPoolExecutor
+    admin_executor: ThreadPoolExecutor
     settings: Settings
     _watcher: asyncio.Task | None = field(default=None, repr=False)
 
@@ -64,8 +66,8 @@ class RunningServer:
         """Apply registry changes now and report what is served (the watcher also does this
         every poll interval)."""
         loop = asyncio.get_running_loop()
-        complete = await loop.run_in_executor(self.executor, self.state.refresh)
-        await loop.run_in_executor(self.executor, self.replica.heartbeat)
+        complete = await loop.run_in_executor(self.admin_executor, self.state.refresh)
+        await loop.run_in_executor(self.admin_executor, self.replica.heartbeat)
         await self._publish_health()
         return complete
 
@@ -83,7 +85,7 @@ class RunningServer:
             try:
                 # Beat before refreshing too: a long version load must not make this replica
                 # look dead to the others.
-                await asyncio.get_running_loop().run_in_executor(self.executor, self.replica.heartbeat)
+                await asyncio.get_running_loop().run_in_executor(self.admin_executor, self.replica.heartbeat)
                 await self.refresh()
             except Exception:  # noqa: BLE001 - the watcher must outlive a bad poll
                 log.exception("registry refresh failed; will retry")
@@ -96,6 +98,7 @@ class RunningServer:
                 await self._watcher
         await self.server.stop(self.settings.grace_seconds if grace is None else grace)
         self.executor.shutdown(wait=True, cancel_futures=True)
+        self.admin_executor.shutdown(wait=True, cancel_futures=True)
         self.state.close()
         self.state.registry.close()
 
@@ -110,6 +113,9 @@ async def start_server(settings: Settings) -> RunningServer:
     device = None if settings.device == "auto" else settings.device
     state = ServingState(registry, catalog, device=device)
     executor = ThreadPoolExecutor(settings.worker_threads, thread_name_prefix="colgrid-work")
+    # Registry polls, version loads and rollout changes run here, never queued behind searches
+    # (and a slow version load never occupies a search worker).
+    admin_executor = ThreadPoolExecutor(ADMIN_THREADS, thread_name_prefix="colgrid-admin")
     options = [("grpc.max_receive_message_length", settings.max_message_bytes),
                ("grpc.max_send_message_length", settings.max_message_bytes)]
     server = grpc.aio.server(interceptors=[RequestIdInterceptor()], options=options)
@@ -125,7 +131,7 @@ async def start_server(settings: Settings) -> RunningServer:
     pb_grpc.add_SearchServiceServicer_to_server(SearchService(state, settings, executor), server)
     pb_grpc.add_EncodeServiceServicer_to_server(EncodeService(state, settings, executor), server)
     pb_grpc.add_RegistryServiceServicer_to_server(RegistryService(state, executor), server)
-    pb_grpc.add_RolloutServiceServicer_to_server(RolloutService(state, replica, executor), server)
+    pb_grpc.add_RolloutServiceServicer_to_server(RolloutService(state, replica, admin_executor), server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     for name in ("", *SERVICE_NAMES):
@@ -135,7 +141,7 @@ async def start_server(settings: Settings) -> RunningServer:
         server)
     await server.start()
     running = RunningServer(server=server, port=port, state=state, replica=replica, health=health,
-                            executor=executor, settings=settings)
+                            executor=executor, admin_executor=admin_executor, settings=settings)
     if not await running.refresh():
         log.warning("some indexes could not be loaded; serving the rest")
     running._watcher = asyncio.create_task(running._watch())

@@ -37,6 +37,9 @@ class IndexRoutes:
     canary: ServedVersion | None = None
     shadow: ServedVersion | None = None
     complete: bool = True
+    # previous_stable, still loaded from when it served: never routed to, kept warm so that a
+    # rollback is a pointer flip here too. Never loaded just to be a standby.
+    standby: ServedVersion | None = None
 
     @property
     def index(self) -> str:
@@ -67,6 +70,7 @@ class IndexRoutes:
         return self.shadow
 
     def versions(self) -> dict[str, ServedVersion]:
-        """Loaded versions by role."""
-        named = (("stable", self.stable), ("canary", self.canary), ("shadow", self.shadow))
+        """Loaded versions by role ("previous" for the standby)."""
+        named = (("stable", self.stable), ("canary", self.canary), ("shadow", self.shadow),
+                 ("previous", self.standby))
         return {role: v for role, v in named if v is not None}

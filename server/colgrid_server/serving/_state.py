@@ -22,7 +22,7 @@ from colgrid_server.catalog import EncoderCatalog
 from colgrid_server.errors import ColgridError, FailedPrecondition
 from colgrid_server.serving._routing import IndexRoutes, bucket_of
 from colgrid_server.serving._shadow import ShadowRunner
-from colgrid_server.serving._versions import Lease, ServedVersion, VersionCheckFailed, load_version
+from colgrid_server.serving._versions import Lease, ServedVersion, VersionCheckFailed, check_ready, load_version
 
 log = logging.getLogger(__name__)
 
@@ -175,10 +175,8 @@ class ServingState:
         with self._lock:
             current = self._find_live(index, version)
         record = self._registry.get_version(index, version)
-        if current is not None:
-            if record.state.value != "READY":
-                raise VersionCheckFailed(index, version, "ready", f"the registry has it {record.state.value}, "
-                                                                  f"not READY")
+        if current is not None:  # loaded, verified and warmed already: only the registry may have moved
+            check_ready(record)
             yield current
             return
         served = load_version(record, self._catalog, device=self._device)
@@ -227,7 +225,11 @@ class ServingState:
         loaded = {role: served for role, name in wanted.items()
                   if (served := self._obtain(rollout, name, current)) is not None}
         if len(loaded) == len(wanted):
-            return IndexRoutes(rollout, loaded["stable"], loaded.get("canary"), loaded.get("shadow"))
+            standby = None
+            if rollout.previous_stable and rollout.previous_stable not in wanted.values():
+                standby = self._find_live(index, rollout.previous_stable, current)
+            return IndexRoutes(rollout, loaded["stable"], loaded.get("canary"), loaded.get("shadow"),
+                               standby=standby)
         if current is not None:
             log.error("%s: generation %d keeps serving (stable %s): generation %d could not be loaded",
                       index, current.generation, current.stable.version, rollout.generation)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from colgrid_registry import VersionRecord, VersionState
-from colgrid_server.errors import ColgridError, CorruptVersion, FailedPrecondition
+from colgrid_server.errors import ColgridError, FailedPrecondition
 from colgrid_server.index import LoadedVersion, open_version
 from colgrid_server.search import SearchParams, SearchResult, Searcher
 
@@ -176,15 +176,10 @@ def load_version(record: VersionRecord, catalog: Any, *, device: str | None = No
     """Run every check in CHECKS, then return the version ready to serve (warmed with one query).
     Raises VersionCheckFailed naming the first check that failed."""
     index, version = record.index, record.version
-    if record.state is not VersionState.READY:
-        raise VersionCheckFailed(index, version, "ready", f"the registry has it {record.state.value}, not READY")
-    if not record.storage_uri:
-        raise VersionCheckFailed(index, version, "ready", "the registry has no storage location for it")
+    check_ready(record)
     try:
         loaded = open_version(Path(record.storage_uri), verify=True, device=device)
-    except CorruptVersion as exc:
-        raise VersionCheckFailed(index, version, "checksum", str(exc), version_path=record.storage_uri) from exc
-    except ColgridError as exc:
+    except ColgridError as exc:  # CorruptVersion, or files missing altogether
         raise VersionCheckFailed(index, version, "checksum", str(exc), version_path=record.storage_uri) from exc
     try:
         if record.manifest_sha256 and loaded.manifest_sha256 != record.manifest_sha256:
@@ -198,6 +193,15 @@ def load_version(record: VersionRecord, catalog: Any, *, device: str | None = No
     except BaseException:
         loaded.close()
         raise
+
+
+def check_ready(record: VersionRecord) -> None:
+    """The "ready" check: the registry says READY and knows where the files are."""
+    if record.state is not VersionState.READY:
+        raise VersionCheckFailed(record.index, record.version, "ready",
+                                 f"the registry has it {record.state.value}, not READY")
+    if not record.storage_uri:
+        raise VersionCheckFailed(record.index, record.version, "ready", "the registry has no storage location for it")
 
 
 def _encoder(record: VersionRecord, loaded: LoadedVersion, catalog: Any) -> Any:
