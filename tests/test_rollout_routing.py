@@ -78,8 +78,9 @@ def test_raising_the_percent_never_moves_a_key_back_to_stable(three_versions):
 
 def test_buckets_are_stable_per_index_and_key_and_uniform_enough():
     assert bucket_of("docs", "alice") == bucket_of("docs", "alice")
-    assert bucket_of("docs", "alice") != bucket_of("other", "alice") or bucket_of("docs", "bob") != bucket_of(
-        "other", "bob")
+    keys = [f"user-{i}" for i in range(200)]
+    # The index is part of the hash: one key's canary membership differs between indexes.
+    assert sum(bucket_of("docs", k) == bucket_of("other", k) for k in keys) <= 1
     counts = [0] * 10
     for i in range(20_000):
         counts[bucket_of("docs", f"key-{i}") * 10 // BUCKETS] += 1

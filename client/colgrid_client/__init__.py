@@ -1,4 +1,4 @@
-"""colgrid client SDK: search, encode and registry calls against a colgrid server.
+"""colgrid client SDK: search, encode, registry and rollout calls against a colgrid server.
 
 Light by design: importing it loads grpcio and protobuf only (never numpy, torch, onnxruntime).
 
@@ -7,6 +7,9 @@ Light by design: importing it loads grpcio and protobuf only (never numpy, torch
     with Client("localhost:50051") as client:
         for hit in client.search("docs", "what is late interaction?", k=5, explain=True):
             print(hit.rank, hit.doc_id, hit.score)
+        client.start_canary("docs", "v2", 10, reason="new corpus")  # then promote / rollback
+
+The rollout (admin) methods return values defined in `colgrid_client.rollout`.
 """
 from colgrid_client._async import AsyncClient
 from colgrid_client._errors import (
