@@ -8,26 +8,45 @@ from typing import Any
 
 from colgrid_server.errors import InvalidArgument
 
-FORMAT_VERSION = 1
+# 2: token payload chosen by a codec (attrs "codec"), token_codes uint16 when C <= 65536,
+# attrs "normalized" and "token_spans". Version 1 groups (fp16, int32 codes) still open.
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 
 # Arrays of a version group (see DESIGN.md "Index versions").
-TOKENS = "tokens"  # [N_tok, dim] float16, chunked on axis 0
+TOKENS = "tokens"  # [N_tok, dim] float16, chunked on axis 0 (codec fp16)
+TOKENS_INT8 = "tokens_int8"  # [N_tok, dim] int8 (codec int8): token = tokens_int8 * token_scales
+TOKEN_SCALES = "token_scales"  # [N_tok] float32, per-token scale (codec int8)
+RESIDUALS = "residuals"  # [N_tok, ceil(dim * nbits / 8)] uint8, packed bucket per dim (residual codecs)
+RESIDUAL_CUTOFFS = "residual_cutoffs"  # [dim, 2^nbits - 1] float32, bucket boundaries per dim
+RESIDUAL_WEIGHTS = "residual_weights"  # [dim, 2^nbits] float32, decoded value of each bucket per dim
 DOC_OFFSETS = "doc_offsets"  # [N_doc + 1] int64, CSR over tokens
 DOC_IDS = "doc_ids"  # [N_doc] strings
 TOKEN_SPANS = "token_spans"  # [N_tok, 2] int32, character span [start, end) or (-1, -1)
 TEXTS = "texts"  # [N_doc] strings, the document text the spans point into
 METADATA = "metadata"  # [N_doc] JSON object strings
 CENTROIDS = "centroids"  # [C, dim] float32, unit norm
-TOKEN_CODES = "token_codes"  # [N_tok] int32, nearest centroid per token
+TOKEN_CODES = "token_codes"  # [N_tok] uint16 (int32 past 65,536 centroids), nearest centroid per token
 IVF_OFFSETS = "ivf_offsets"  # [C + 1] int64, CSR over ivf_docs
 IVF_DOCS = "ivf_docs"  # [n_postings] int32, unique document indices per centroid, ascending
 CENTROID_HNSW = "centroid_hnsw"  # [n_bytes] uint8, hnswlib graph over centroids (inner product)
 
+# Arrays every version has; the codec adds its own (CODEC_ARRAYS).
 ARRAY_NAMES = (
-    TOKENS, DOC_OFFSETS, DOC_IDS, TOKEN_SPANS, TEXTS, METADATA,
+    DOC_OFFSETS, DOC_IDS, TOKEN_SPANS, TEXTS, METADATA,
     CENTROIDS, TOKEN_CODES, IVF_OFFSETS, IVF_DOCS, CENTROID_HNSW,
 )  # fmt: skip
+
+CODECS = ("fp16", "int8", "residual4", "residual2")
+DEFAULT_CODEC = "fp16"
+CODEC_ARRAYS = {
+    "fp16": (TOKENS,),
+    "int8": (TOKENS_INT8, TOKEN_SCALES),
+    "residual4": (RESIDUALS, RESIDUAL_CUTOFFS, RESIDUAL_WEIGHTS),
+    "residual2": (RESIDUALS, RESIDUAL_CUTOFFS, RESIDUAL_WEIGHTS),
+}
+EXTERNAL_KIND = "external"  # EncoderRef.kind of a version built from the caller's own vectors
 
 
 @dataclass(frozen=True)

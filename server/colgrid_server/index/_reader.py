@@ -7,7 +7,7 @@ import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import hnswlib
 import numpy as np
@@ -19,6 +19,8 @@ from colgrid_server.index import _format as F
 from colgrid_server.index._centroids import load_graph
 from colgrid_server.index._format import EncoderRef
 from colgrid_server.index._manifest import list_files, read_manifest, verify_files
+from colgrid_server.index._stores import DenseTokens, TokenStore
+from colgrid_server.index._token_loader import TokenLoader
 
 HNSW_EF = 64  # search breadth over the centroid graph (0.998 centroid recall at nprobe 4 on real text); hnswlib uses max(ef, k)
 
@@ -36,25 +38,29 @@ def verify_version(path: Path) -> str:
     return manifest_sha
 
 
-def open_version(path: Path, *, verify: bool = True, device: str | None = None) -> LoadedVersion:
+def open_version(path: Path, *, verify: bool = True, device: str | None = None, keep_codes: bool = False) -> LoadedVersion:
     """Load a published version. verify=True checks every file's sha256 against the manifest
-    (verify=False still requires the manifest and checks the file list and sizes)."""
+    (verify=False still requires the manifest and checks the file list and sizes).
+    keep_codes: for a compressed version (int8, residual), keep the codes resident and decode
+    each query's candidates (less memory); by default decode once at load into float16."""
     root = _existing_dir(Path(path))
     files, manifest_sha = read_manifest(root)
     verify_files(root, files, hashes=verify)
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         group = zarr.open_group(str(root), mode="r", zarr_format=3)
-        arrays = {name: _array(root, group, name) for name in F.ARRAY_NAMES}
+        attrs = dict(group.attrs)
+        encoder = _encoder(root, attrs)
+        codec = _codec(root, attrs)
+        names = F.ARRAY_NAMES + F.CODEC_ARRAYS[codec["name"]]
+        arrays = {name: _array(root, group, name) for name in names}
     except CorruptVersion:
         raise
     except Exception as exc:  # zarr raises a variety of errors for unreadable metadata
         raise _corrupt(root, f"cannot be read as a Zarr v3 group ({exc})") from exc
     _check_chunks_present(root, arrays, set(files))
-    attrs = dict(group.attrs)
-    encoder = _encoder(root, attrs)
     loader = _Loader(root, arrays, encoder.dim)
-    return loader.load(attrs, encoder, target, manifest_sha)
+    return loader.load(attrs, encoder, codec, target, manifest_sha, keep_codes=keep_codes)
 
 
 class LoadedVersion:
@@ -70,19 +76,42 @@ class LoadedVersion:
         self.manifest_sha256: str = fields["manifest_sha256"]
         self.documents: int = fields["documents"]
         self.tokens_count: int = fields["tokens_count"]
-        self.tokens: torch.Tensor = fields["tokens"]  # (N_tok, dim) float16 on device: the stored values
+        self.store: TokenStore = fields["store"]  # the token vectors in the kernel's layout
         self.doc_offsets: np.ndarray = fields["doc_offsets"]  # int64 (N_doc + 1)
         self.doc_ids: list[str] = fields["doc_ids"]
         self.texts: list[str] = fields["texts"]
-        self.spans: np.ndarray = fields["spans"]  # int32 (N_tok, 2)
+        self.spans: np.ndarray = fields["spans"]  # int32 (N_tok, 2); a read-only (-1, -1) view when none were stored
         self.centroids: np.ndarray = fields["centroids"]  # float32 (C, dim)
-        self.token_codes: np.ndarray = fields["token_codes"]  # int32 (N_tok,)
+        self.token_codes: np.ndarray = fields["token_codes"]  # uint16 or int32 (N_tok,)
         self.ivf_offsets: np.ndarray = fields["ivf_offsets"]  # int64 (C + 1)
         self.ivf_docs: np.ndarray = fields["ivf_docs"]  # int32, unique docs per centroid
         self.graph: hnswlib.Index = fields["graph"]
-        self.max_token_norm: float = fields["max_token_norm"]
         self._metadata_json: list[str] = fields["metadata_json"]
         self._closed = False
+
+    @property
+    def codec(self) -> str:
+        """How the version stores its tokens: fp16, int8, residual4 or residual2."""
+        return self.store.codec
+
+    @property
+    def normalized(self) -> bool:
+        """Whether the version's vectors are unit L2 norm (declared, or observed at build)."""
+        return bool(self.attrs.get("normalized", False))
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        """(N_tok, dim) float16 on device: the stored values (fp16), or the decoded ones (a
+        compressed version loaded without keep_codes)."""
+        if not isinstance(self.store, DenseTokens):
+            raise FailedPrecondition(
+                f"index version {self.name} keeps its {self.codec} codes resident; read tokens with store.gather or store.decode"
+            )
+        return self.store.tokens
+
+    @property
+    def max_token_norm(self) -> float:
+        return self.store.max_norm
 
     @property
     def centroid_count(self) -> int:
@@ -95,9 +124,10 @@ class LoadedVersion:
     @property
     def nbytes(self) -> int:
         """Approximate memory held by the arrays (tokens dominate)."""
-        arrays = (self.doc_offsets, self.spans, self.centroids, self.token_codes, self.ivf_offsets, self.ivf_docs)
+        arrays = (self.doc_offsets, self.centroids, self.token_codes, self.ivf_offsets, self.ivf_docs)
+        spans = self.spans.nbytes if self.spans.strides[0] else 0  # a broadcast view holds nothing
         texts = sum(len(t) for t in self.texts) if not self._closed else 0
-        return self.tokens.element_size() * self.tokens.nelement() + sum(a.nbytes for a in arrays) + texts
+        return self.store.nbytes + sum(a.nbytes for a in arrays) + spans + texts
 
     def metadata(self, doc_index: int) -> dict[str, Any]:
         """The document's metadata object (parsed on demand: only hits need it)."""
@@ -112,14 +142,17 @@ class LoadedVersion:
         """Release the memory. Searches started afterwards raise FailedPrecondition."""
         self._closed = True
         empty = np.empty(0)
-        self.tokens = torch.empty(0, dtype=torch.float16)
+        self.store.close()
         self.doc_ids, self.texts, self._metadata_json = [], [], []
         self.spans = self.centroids = self.token_codes = self.ivf_docs = empty
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
     def __repr__(self) -> str:
-        return f"LoadedVersion({self.name!r}, documents={self.documents}, tokens={self.tokens_count}, device={self.device})"
+        return (
+            f"LoadedVersion({self.name!r}, documents={self.documents}, tokens={self.tokens_count}, "
+            f"codec={self.codec}, device={self.device})"
+        )
 
 
 class _Loader:
@@ -128,19 +161,26 @@ class _Loader:
     def __init__(self, root: Path, arrays: dict[str, zarr.Array], dim: int) -> None:
         self.root, self.arrays, self.dim = root, arrays, dim
 
-    def load(self, attrs: dict[str, Any], encoder: EncoderRef, device: torch.device, manifest_sha: str) -> LoadedVersion:
+    def load(
+        self, attrs: dict[str, Any], encoder: EncoderRef, codec: dict[str, Any], device: torch.device, manifest_sha: str,
+        *, keep_codes: bool,
+    ) -> LoadedVersion:  # fmt: skip
         a = self.arrays
-        n_tok, n_doc, n_cent = a[F.TOKENS].shape[0], a[F.DOC_IDS].shape[0], a[F.CENTROIDS].shape[0]
+        payload = F.CODEC_ARRAYS[codec["name"]][0]
+        n_tok, n_doc, n_cent = a[payload].shape[0], a[F.DOC_IDS].shape[0], a[F.CENTROIDS].shape[0]
         counts = attrs.get("counts") or {}
         if (counts.get("documents"), counts.get("tokens"), counts.get("centroids")) != (n_doc, n_tok, n_cent):
             self.fail(f"counts in zarr.json {counts} do not match the arrays ({n_doc} documents, {n_tok} tokens, {n_cent} centroids)")
-        self.expect(F.TOKENS, (n_tok, self.dim), np.float16)
+        tokens = TokenLoader(a, self.read, self.fail, n_tok=n_tok, dim=self.dim, device=device)
+        for name, (shape, dtype) in tokens.shapes(codec).items():
+            self.expect(name, shape, dtype)
         self.expect(F.DOC_OFFSETS, (n_doc + 1,), np.int64)
         self.expect(F.TOKEN_SPANS, (n_tok, 2), np.int32)
         self.expect(F.TEXTS, (n_doc,), None)
         self.expect(F.METADATA, (n_doc,), None)
         self.expect(F.CENTROIDS, (n_cent, self.dim), np.float32)
-        self.expect(F.TOKEN_CODES, (n_tok,), np.int32)
+        code_dtype = np.uint16 if attrs["format_version"] >= 2 and n_cent <= 1 << 16 else np.int32
+        self.expect(F.TOKEN_CODES, (n_tok,), code_dtype)
         self.expect(F.IVF_OFFSETS, (n_cent + 1,), np.int64)
 
         offsets = self.read(F.DOC_OFFSETS)
@@ -154,13 +194,20 @@ class _Loader:
             self.fail("ivf_offsets is not a CSR index over ivf_docs")
         if ivf_docs.size and (ivf_docs.min() < 0 or ivf_docs.max() >= n_doc):
             self.fail("ivf_docs refers to a document that does not exist")
-        tokens, max_norm = self.read_tokens(device)
+        centroids = self.read(F.CENTROIDS)
+        if not np.isfinite(centroids).all():
+            self.fail("centroids hold NaN or infinity")
+        store = tokens.load(codec, codes, centroids, keep_codes=keep_codes)
         try:
             graph = load_graph(self.read(F.CENTROID_HNSW).tobytes(), dim=self.dim, count=n_cent, ef=HNSW_EF)
         except RuntimeError as exc:
             self.fail(f"centroid_hnsw is not a readable hnswlib graph ({exc})")
         if graph.get_current_count() != n_cent:
             self.fail(f"centroid_hnsw holds {graph.get_current_count()} centroids, expected {n_cent}")
+        if attrs.get("token_spans", True):
+            spans = self.read(F.TOKEN_SPANS)
+        else:  # no spans were stored (vectors computed elsewhere): a view that holds no memory
+            spans = np.broadcast_to(np.array([-1, -1], dtype=np.int32), (n_tok, 2))
         return LoadedVersion(
             path=self.root,
             encoder=encoder,
@@ -169,41 +216,18 @@ class _Loader:
             manifest_sha256=manifest_sha,
             documents=n_doc,
             tokens_count=n_tok,
-            tokens=tokens,
+            store=store,
             doc_offsets=offsets,
             doc_ids=self.read(F.DOC_IDS).tolist(),
             texts=self.read(F.TEXTS).tolist(),
             metadata_json=self.read(F.METADATA).tolist(),
-            spans=self.read(F.TOKEN_SPANS),
-            centroids=self.read(F.CENTROIDS),
+            spans=spans,
+            centroids=centroids,
             token_codes=codes,
             ivf_offsets=ivf_offsets,
             ivf_docs=ivf_docs,
             graph=graph,
-            max_token_norm=max_norm,
         )
-
-    def read_tokens(self, device: torch.device) -> tuple[torch.Tensor, float]:
-        """Tokens chunk by chunk into one preallocated tensor (never two full copies), and the
-        largest token norm (it bounds the error of reduced-precision scoring). numpy does the
-        per-chunk work: single-threaded, it is not slowed by torch's thread pool on busy hosts."""
-        array = self.arrays[F.TOKENS]
-        n_tok, step = array.shape[0], array.chunks[0]
-        tokens = torch.empty((n_tok, self.dim), dtype=torch.float16, device=device)
-        host = tokens.numpy() if device.type == "cpu" else None
-        max_norm = 0.0
-        for start in range(0, n_tok, step):
-            block = self.read(F.TOKENS, slice(start, start + step))
-            wide = block.astype(np.float32)
-            block_max = math.sqrt(float(np.einsum("ij,ij->i", wide, wide).max()))  # NaN/inf if any value is
-            if not math.isfinite(block_max):
-                self.fail(f"tokens rows {start}..{start + block.shape[0]} contain NaN or infinity")
-            max_norm = max(max_norm, block_max)
-            if host is not None:
-                host[start : start + block.shape[0]] = block
-            else:
-                tokens[start : start + block.shape[0]] = torch.from_numpy(block).to(device)
-        return tokens, max_norm
 
     def read(self, name: str, selection: Any = Ellipsis) -> np.ndarray:
         try:
@@ -216,7 +240,7 @@ class _Loader:
         if array.shape != shape or (dtype is not None and array.dtype != np.dtype(dtype)):
             self.fail(f"array {name} has shape {array.shape} and dtype {array.dtype}, expected {shape} {np.dtype(dtype) if dtype else ''}")
 
-    def fail(self, what: str) -> None:
+    def fail(self, what: str) -> NoReturn:
         raise _corrupt(self.root, what)
 
 
@@ -241,12 +265,22 @@ def _check_chunks_present(root: Path, arrays: dict[str, zarr.Array], files: set[
 
 
 def _encoder(root: Path, attrs: Mapping[str, Any]) -> EncoderRef:
-    if attrs.get("format_version") != F.FORMAT_VERSION:
-        raise _corrupt(root, f"format_version {attrs.get('format_version')!r} is not {F.FORMAT_VERSION}")
+    if attrs.get("format_version") not in F.READABLE_FORMAT_VERSIONS:
+        raise _corrupt(root, f"format_version {attrs.get('format_version')!r} is not one of {F.READABLE_FORMAT_VERSIONS}")
     try:
         return EncoderRef.from_dict(attrs["encoder"])
     except (KeyError, TypeError, ValueError) as exc:
         raise _corrupt(root, "zarr.json has no valid encoder {id, kind, dim}") from exc
+
+
+def _codec(root: Path, attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """zarr.json's codec entry; format version 1 predates codecs (fp16)."""
+    codec = attrs.get("codec", {"name": "fp16"}) if attrs["format_version"] >= 2 else {"name": "fp16"}
+    if not isinstance(codec, Mapping) or codec.get("name") not in F.CODECS:
+        raise _corrupt(root, f"zarr.json names an unknown codec {codec!r}")
+    if codec["name"].startswith("residual") and codec.get("nbits") != int(codec["name"][len("residual") :]):
+        raise _corrupt(root, f"zarr.json codec {codec!r} does not match its bit width")
+    return dict(codec)
 
 
 def _existing_dir(path: Path) -> Path:

@@ -1,5 +1,6 @@
 """VersionWriter: stream documents into a temporary Zarr group, then build centroids, codes,
-inverted lists and the centroid graph, write the manifest last and publish with one rename."""
+inverted lists and the centroid graph, encode the tokens with the version's codec, write the
+manifest last and publish with one rename."""
 from __future__ import annotations
 
 import json
@@ -8,7 +9,7 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence, Set
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -21,16 +22,20 @@ from tqdm import tqdm
 from colgrid_server.errors import FailedPrecondition, InvalidArgument
 from colgrid_server.index import _format as F
 from colgrid_server.index._centroids import build_graph, centroid_count, compute_dtype, nearest, spherical_kmeans
+from colgrid_server.index._codec_writer import CodecWriter
+from colgrid_server.index._codecs import RESIDUAL_FIT_SAMPLE, resolve_codec
 from colgrid_server.index._format import EncoderRef, VersionSummary
 from colgrid_server.index._manifest import fsync_dir, fsync_tree, write_manifest
+from colgrid_server.index._zarr_io import CHUNK_BYTES, WRITE_CONFIG, Appender, pow2_rows
 
-CHUNK_BYTES = 4 << 20  # target uncompressed chunk size
 DOC_CHUNK = 4096  # documents per chunk of the per-document string arrays
 # k-means dominates finalize on CPU. On 5,000 stdlib docstrings (272k tokens, C = 8192), 4
 # iterations over 16 tokens per centroid gave the same search recall as 10 over 32, 3x faster.
 KMEANS_SAMPLE_PER_CENTROID = 16
 KMEANS_ITERATIONS = 4
-_WRITE_CONFIG = {"write_empty_chunks": True}  # every chunk on disk: a missing one is corruption
+# A version whose every token norm is within this of 1 is "normalized" (fp16 rounding of a unit
+# vector moves its norm by ~1e-3).
+UNIT_NORM_TOLERANCE = 1e-2
 
 _STRING = str  # zarr v3 "string" data type (vlen-utf8 codec)
 
@@ -39,11 +44,26 @@ class VersionWriter:
     """Writes one immutable index version. Use as a context manager: an exception inside the
     block removes the temporary directory and publishes nothing."""
 
-    def __init__(self, final_dir: Path, *, encoder: EncoderRef, build_params: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        final_dir: Path,
+        *,
+        encoder: EncoderRef,
+        build_params: Mapping[str, Any] | None = None,
+        normalized: bool | None = None,
+        extra_attrs: Mapping[str, Any] | None = None,
+    ) -> None:
+        """build_params["codec"] picks how tokens are stored (fp16 | int8 | residual4 |
+        residual2, default fp16). normalized=True refuses tokens that are not unit vectors;
+        None records whether they all were. extra_attrs are added to zarr.json."""
         self.final_dir = Path(final_dir)
         self.encoder = encoder
         self.build_params = dict(build_params or {})
         _json_or_invalid(self.build_params, "build_params")
+        self.codec = resolve_codec(self.build_params)
+        self.normalized = normalized
+        self.extra_attrs = dict(extra_attrs or {})
+        _json_or_invalid(self.extra_attrs, "attrs")
         self._refuse_existing()
         self.final_dir.parent.mkdir(parents=True, exist_ok=True)
         self.tmp_dir = self.final_dir.parent / f".{self.final_dir.name}.tmp-{secrets.token_hex(6)}"
@@ -52,16 +72,18 @@ class VersionWriter:
         self._ids: set[str] = set()
         self._lengths: list[int] = []
         self._n_tokens = 0
+        self._norm_range = (math.inf, 0.0)
+        self._has_spans = False
         self.tmp_dir.mkdir()
         try:
             self._group = zarr.open_group(str(self.tmp_dir), mode="w-", zarr_format=3)
             dim = encoder.dim
-            token_rows = _pow2_rows(CHUNK_BYTES // (2 * dim))
-            self._tokens = _Appender(self._array(F.TOKENS, (0, dim), "float16", (token_rows, dim), compressors=None))
-            self._spans = _Appender(self._array(F.TOKEN_SPANS, (0, 2), "int32", (_pow2_rows(CHUNK_BYTES // 8), 2)))
-            self._doc_ids = _Appender(self._array(F.DOC_IDS, (0,), _STRING, (DOC_CHUNK,)))
-            self._texts = _Appender(self._array(F.TEXTS, (0,), _STRING, (DOC_CHUNK,)))
-            self._metadata = _Appender(self._array(F.METADATA, (0,), _STRING, (DOC_CHUNK,)))
+            token_rows = pow2_rows(CHUNK_BYTES // (2 * dim))
+            self._tokens = Appender(self._array(F.TOKENS, (0, dim), "float16", (token_rows, dim), compressors=None))
+            self._spans = Appender(self._array(F.TOKEN_SPANS, (0, 2), "int32", (pow2_rows(CHUNK_BYTES // 8), 2)))
+            self._doc_ids = Appender(self._array(F.DOC_IDS, (0,), _STRING, (DOC_CHUNK,)))
+            self._texts = Appender(self._array(F.TEXTS, (0,), _STRING, (DOC_CHUNK,)))
+            self._metadata = Appender(self._array(F.METADATA, (0,), _STRING, (DOC_CHUNK,)))
         except BaseException:
             self.abort()
             raise
@@ -72,51 +94,116 @@ class VersionWriter:
         self,
         doc_id: str,
         vectors: np.ndarray,
-        spans: np.ndarray,
-        text: str,
+        spans: np.ndarray | None = None,
+        text: str = "",
         metadata: Mapping[str, Any] | None = None,
     ) -> None:
         """Append one document: vectors (n, dim) float, spans (n, 2) int character offsets
-        [start, end) into text, or (-1, -1) for a token with no span."""
+        [start, end) into text, or (-1, -1) for a token with no span. Without spans (vectors
+        computed elsewhere) the text is optional."""
         self._require_open()
         if not isinstance(doc_id, str) or not doc_id:
             raise InvalidArgument("document id must be a non-empty string", field="id")
         if doc_id in self._ids:
             raise InvalidArgument(f"duplicate document id {doc_id!r}", field="id")
         vectors16 = self._check_vectors(doc_id, vectors)
-        spans32 = _check_spans(doc_id, spans, vectors16.shape[0], text)
-        if metadata is not None and not isinstance(metadata, Mapping):
-            raise InvalidArgument(f"document {doc_id!r}: metadata must be a JSON object", field="metadata")
-        meta = _json_or_invalid(dict(metadata or {}), "metadata", doc_id)
-        try:
-            doc_id.encode("utf-8")
-            text.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise InvalidArgument(f"document {doc_id!r}: text or id is not valid UTF-8 ({exc.reason})", field="text") from exc
+        if spans is None:
+            spans32 = _no_spans(vectors16.shape[0])
+            _check_text(doc_id, text, required=False)
+        else:
+            spans32 = _check_spans(doc_id, spans, vectors16.shape[0], text)
+        meta = _metadata_json(doc_id, metadata)
+        _check_utf8(doc_id, text)
         self._ids.add(doc_id)
-        self._lengths.append(vectors16.shape[0])
+        self._has_spans |= spans is not None
+        self._append([doc_id], vectors16, np.array([vectors16.shape[0]]), spans32, [text], [meta])
+
+    def add_block(
+        self,
+        doc_ids: Sequence[str],
+        vectors: np.ndarray,
+        lengths: np.ndarray,
+        *,
+        texts: Sequence[str] | None = None,
+        metadata: Sequence[Mapping[str, Any] | None] | None = None,
+    ) -> None:
+        """Append consecutive documents with no token spans: document i owns the next
+        lengths[i] rows of vectors (sum(lengths), dim). texts and metadata: one per document."""
+        self._require_open()
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if lengths.shape != (len(doc_ids),) or np.any(lengths <= 0) or int(lengths.sum()) != np.shape(vectors)[0]:
+            raise InvalidArgument(
+                f"a block of {len(doc_ids)} documents needs as many positive lengths summing to its "
+                f"{np.shape(vectors)[0]} vectors", field="doc_offsets",
+            )  # fmt: skip
+        texts = [""] * len(doc_ids) if texts is None else list(texts)
+        metadata = [None] * len(doc_ids) if metadata is None else list(metadata)
+        for doc_id in doc_ids:
+            if not isinstance(doc_id, str) or not doc_id:
+                raise InvalidArgument(f"document ids must be non-empty strings, got {doc_id!r}", field="doc_ids")
+        if (duplicate := first_duplicate(doc_ids, self._ids)) is not None:
+            raise InvalidArgument(f"duplicate document id {duplicate!r}", field="doc_ids")
+        vectors16 = self._check_vectors(None, vectors, lengths=lengths, doc_ids=doc_ids)
+        for doc_id, text in zip(doc_ids, texts):
+            _check_text(doc_id, text, required=False)
+            _check_utf8(doc_id, text)
+        metas = [_metadata_json(doc_id, meta) for doc_id, meta in zip(doc_ids, metadata)]
+        self._ids.update(doc_ids)
+        self._append(list(doc_ids), vectors16, lengths, _no_spans(vectors16.shape[0]), texts, metas)
+
+    def _append(
+        self, doc_ids: list[str], vectors16: np.ndarray, lengths: np.ndarray, spans32: np.ndarray, texts: list[str], metas: list[str]
+    ) -> None:
+        self._lengths.extend(int(n) for n in lengths)
         self._n_tokens += vectors16.shape[0]
         self._tokens.append(vectors16)
         self._spans.append(spans32)
-        self._doc_ids.append(_strings([doc_id]))
-        self._texts.append(_strings([text]))
-        self._metadata.append(_strings([meta]))
+        self._doc_ids.append(_strings(doc_ids))
+        self._texts.append(_strings(texts))
+        self._metadata.append(_strings(metas))
 
-    def _check_vectors(self, doc_id: str, vectors: np.ndarray) -> np.ndarray:
+    def _check_vectors(
+        self, doc_id: str | None, vectors: np.ndarray, *, lengths: np.ndarray | None = None, doc_ids: Sequence[str] = ()
+    ) -> np.ndarray:
+        """float16 copy of vectors; errors name the document (doc_id, or the block's document
+        owning the first bad row)."""
         vectors = np.asarray(vectors)
         dim = self.encoder.dim
+        field = "vectors" if lengths is None else "tokens"
+
+        def where(row: int) -> str:
+            if lengths is None:
+                return f"document {doc_id!r}"
+            doc = int(np.searchsorted(np.cumsum(lengths), row, side="right"))
+            return f"document {doc_ids[doc]!r} (token row {row} of the block)"
+
         if vectors.ndim != 2 or vectors.shape[1] != dim or vectors.shape[0] == 0:
-            raise InvalidArgument(
-                f"document {doc_id!r}: vectors have shape {vectors.shape}, expected (n >= 1, {dim})", field="vectors"
-            )
+            who = f"document {doc_id!r}: vectors" if lengths is None else "tokens"
+            raise InvalidArgument(f"{who} have shape {vectors.shape}, expected (n >= 1, {dim})", field=field)
         if not np.issubdtype(vectors.dtype, np.floating):
-            raise InvalidArgument(f"document {doc_id!r}: vectors must be floating point, got {vectors.dtype}", field="vectors")
-        with np.errstate(over="ignore"):
+            who = f"document {doc_id!r}: vectors" if lengths is None else "tokens"
+            raise InvalidArgument(f"{who} must be floating point, got {vectors.dtype}", field=field)
+        with np.errstate(over="ignore", invalid="ignore"):
             vectors16 = vectors.astype(np.float16)
-        if not np.isfinite(vectors16).all():
+        finite = np.isfinite(vectors16).all(axis=1)
+        if not finite.all():
+            row = int(np.flatnonzero(~finite)[0])
             raise InvalidArgument(
-                f"document {doc_id!r}: vectors contain NaN, infinity or values beyond the float16 range", field="vectors"
+                f"{where(row)}: vectors contain NaN, infinity or values beyond the float16 range", field=field
             )
+        wide = vectors16.astype(np.float32)
+        norms = np.sqrt(np.einsum("ij,ij->i", wide, wide))
+        if self.normalized:
+            off = np.abs(norms - 1.0) > UNIT_NORM_TOLERANCE
+            if off.any():
+                row = int(np.flatnonzero(off)[0])
+                raise InvalidArgument(
+                    f"{where(row)}: a token has norm {norms[row]:.4f}, but the vectors were declared normalized "
+                    f"(unit L2 norm); normalise them or declare normalized=False",
+                    field="normalized",
+                )
+        low, high = self._norm_range
+        self._norm_range = (min(low, float(norms.min())), max(high, float(norms.max())))
         return vectors16
 
     # -- publishing --------------------------------------------------------------------------
@@ -138,25 +225,36 @@ class VersionWriter:
             raise InvalidArgument("an index version needs at least one document", field="documents")
         offsets = np.zeros(n_docs + 1, dtype=np.int64)
         np.cumsum(np.asarray(self._lengths, dtype=np.int64), out=offsets[1:])
-        self._write(F.DOC_OFFSETS, offsets, chunk=_pow2_rows(CHUNK_BYTES // 8))
+        self._write(F.DOC_OFFSETS, offsets, chunk=pow2_rows(CHUNK_BYTES // 8))
 
         params = self._resolved_params(n_tokens)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        centroids, codes = self._cluster(params, device, progress)
-        self._write(F.CENTROIDS, centroids, chunk=_pow2_rows(CHUNK_BYTES // (4 * self.encoder.dim)))
-        self._write(F.TOKEN_CODES, codes, chunk=_pow2_rows(CHUNK_BYTES // 4))
+        low, high = self._norm_range
+        unit = abs(low - 1.0) <= UNIT_NORM_TOLERANCE and abs(high - 1.0) <= UNIT_NORM_TOLERANCE
+        codec = CodecWriter(self.codec, self.encoder.dim, self._array, renormalize=unit)
+        centroids, codes = self._cluster(params, device, codec, progress)
+        codec_attrs = codec.finish()
+        if self.codec.name != "fp16":
+            del self._group[F.TOKENS]  # the staged float16 copy: the codec's arrays replace it
+        self._write(F.CENTROIDS, centroids, chunk=pow2_rows(CHUNK_BYTES // (4 * self.encoder.dim)))
+        self._write(F.TOKEN_CODES, codes, chunk=pow2_rows(CHUNK_BYTES // 4))
         ivf_offsets, ivf_docs = _inverted_lists(codes, offsets, centroids.shape[0])
-        self._write(F.IVF_OFFSETS, ivf_offsets, chunk=_pow2_rows(CHUNK_BYTES // 8))
-        self._write(F.IVF_DOCS, ivf_docs, chunk=_pow2_rows(CHUNK_BYTES // 4))
+        self._write(F.IVF_OFFSETS, ivf_offsets, chunk=pow2_rows(CHUNK_BYTES // 8))
+        self._write(F.IVF_DOCS, ivf_docs, chunk=pow2_rows(CHUNK_BYTES // 4))
         graph = np.frombuffer(build_graph(centroids, seed=params["seed"]), dtype=np.uint8)
         self._write(F.CENTROID_HNSW, graph, chunk=CHUNK_BYTES)
 
         self._group.attrs.update(
             {
+                **self.extra_attrs,
                 "format_version": F.FORMAT_VERSION,
                 "encoder": self.encoder.to_dict(),
                 "counts": {"documents": n_docs, "tokens": n_tokens, "centroids": int(centroids.shape[0]), "postings": int(ivf_docs.shape[0])},
                 "build_params": params,
+                "codec": codec_attrs,
+                "normalized": unit if self.normalized is None else self.normalized,
+                "token_norms": {"min": low, "max": high},
+                "token_spans": self._has_spans,
             }
         )
         fsync_tree(self.tmp_dir)
@@ -187,10 +285,14 @@ class VersionWriter:
         params.setdefault("kmeans_sample", min(n_tokens, KMEANS_SAMPLE_PER_CENTROID * params["n_centroids"]))
         params["kmeans_sample"] = max(params["n_centroids"], min(n_tokens, int(params["kmeans_sample"])))
         params.setdefault("seed", 0)
+        params["codec"] = self.codec.name
         return params
 
-    def _cluster(self, params: dict[str, Any], device: torch.device, progress: bool) -> tuple[np.ndarray, np.ndarray]:
-        """k-means over a token sample, then the nearest centroid of every token, one chunk at a time."""
+    def _cluster(
+        self, params: dict[str, Any], device: torch.device, codec: CodecWriter, progress: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """k-means over a token sample; then one pass over the staged tokens, a chunk at a time:
+        the nearest centroid of every token and the codec's encoding of it."""
         n_tokens = self._n_tokens
         rng = np.random.default_rng(params["seed"])
         sample_rows = np.sort(rng.choice(n_tokens, size=params["kmeans_sample"], replace=False))
@@ -198,18 +300,24 @@ class VersionWriter:
         centroids = spherical_kmeans(
             sample, params["n_centroids"], iterations=int(params["kmeans_iterations"]), seed=int(params["seed"])
         )
-        del sample
         centroids_t = centroids.T.to(compute_dtype(device)).contiguous()
-        codes = np.empty(n_tokens, dtype=np.int32)
+        centroids_np = centroids.cpu().numpy().astype(np.float32)
+        if codec.needs_fit:
+            fit = sample[torch.from_numpy(rng.permutation(sample.shape[0])[:RESIDUAL_FIT_SAMPLE]).to(device)]
+            codec.fit(fit.cpu().numpy(), nearest(fit, centroids_t).cpu().numpy(), centroids_np)
+        del sample
+        codes = np.empty(n_tokens, dtype=np.uint16 if centroids_np.shape[0] <= 1 << 16 else np.int32)
         tokens = self._tokens.array
         step = tokens.chunks[0]
         bar = tqdm(total=n_tokens, desc="assign tokens", unit="tok", disable=not progress)
         for start in range(0, n_tokens, step):
-            block = torch.from_numpy(tokens[start : start + step]).to(device)
-            codes[start : start + step] = nearest(block, centroids_t).cpu().numpy()
+            block = tokens[start : start + step]
+            block_codes = nearest(torch.from_numpy(block).to(device), centroids_t).cpu().numpy()
+            codes[start : start + step] = block_codes
+            codec.encode(block, block_codes, centroids_np)
             bar.update(block.shape[0])
         bar.close()
-        return centroids.cpu().numpy().astype(np.float32), codes
+        return centroids_np, codes
 
     def _gather_rows(self, rows: np.ndarray) -> np.ndarray:
         """tokens[rows] for sorted rows, reading one chunk at a time (never the whole array)."""
@@ -250,43 +358,12 @@ class VersionWriter:
             )
 
     def _array(self, name: str, shape: tuple[int, ...], dtype: Any, chunks: tuple[int, ...], **kwargs: Any) -> zarr.Array:
-        return self._group.create_array(name, shape=shape, dtype=dtype, chunks=chunks, config=_WRITE_CONFIG, **kwargs)
+        return self._group.create_array(name, shape=shape, dtype=dtype, chunks=chunks, config=WRITE_CONFIG, **kwargs)
 
     def _write(self, name: str, values: np.ndarray, *, chunk: int) -> None:
         chunks = (max(1, min(chunk, values.shape[0])),) + values.shape[1:]
         array = self._array(name, values.shape, values.dtype, chunks)
         array[...] = values
-
-
-class _Appender:
-    """Buffers rows and appends them to a resizable Zarr array a whole chunk at a time, so each
-    chunk is written once and the corpus is never held in memory."""
-
-    def __init__(self, array: zarr.Array) -> None:
-        self.array = array
-        self._rows = array.chunks[0]
-        self._parts: list[np.ndarray] = []
-        self._buffered = 0
-
-    def append(self, values: np.ndarray) -> None:
-        self._parts.append(values)
-        self._buffered += values.shape[0]
-        if self._buffered >= self._rows:
-            self._write(whole_chunks_only=True)
-
-    def flush(self) -> None:
-        if self._buffered:
-            self._write(whole_chunks_only=False)
-
-    def _write(self, *, whole_chunks_only: bool) -> None:
-        data = np.concatenate(self._parts) if len(self._parts) > 1 else self._parts[0]
-        n = (data.shape[0] // self._rows) * self._rows if whole_chunks_only else data.shape[0]
-        start = self.array.shape[0]
-        self.array.resize((start + n,) + self.array.shape[1:])
-        self.array[start : start + n] = data[:n]
-        rest = data[n:]
-        self._parts = [rest] if rest.shape[0] else []
-        self._buffered = rest.shape[0]
 
 
 def _inverted_lists(codes: np.ndarray, offsets: np.ndarray, n_centroids: int) -> tuple[np.ndarray, np.ndarray]:
@@ -299,9 +376,41 @@ def _inverted_lists(codes: np.ndarray, offsets: np.ndarray, n_centroids: int) ->
     return ivf_offsets, (pairs % n_docs).astype(np.int32)
 
 
-def _check_spans(doc_id: str, spans: np.ndarray, n: int, text: str) -> np.ndarray:
-    if not isinstance(text, str) or not text:
+def first_duplicate(doc_ids: Sequence[str], existing: Set[str] = frozenset()) -> str | None:
+    """The first id that is in existing or repeats an earlier one."""
+    seen: set[str] = set()
+    for doc_id in doc_ids:
+        if doc_id in existing or doc_id in seen:
+            return doc_id
+        seen.add(doc_id)
+    return None
+
+
+def _no_spans(n: int) -> np.ndarray:
+    return np.full((n, 2), -1, dtype=np.int32)
+
+
+def _check_text(doc_id: str, text: object, *, required: bool) -> None:
+    if not isinstance(text, str) or (required and not text):
         raise InvalidArgument(f"document {doc_id!r} has no text", field="text")
+
+
+def _check_utf8(doc_id: str, text: str) -> None:
+    try:
+        doc_id.encode("utf-8")
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidArgument(f"document {doc_id!r}: text or id is not valid UTF-8 ({exc.reason})", field="text") from exc
+
+
+def _metadata_json(doc_id: str, metadata: Mapping[str, Any] | None) -> str:
+    if metadata is not None and not isinstance(metadata, Mapping):
+        raise InvalidArgument(f"document {doc_id!r}: metadata must be a JSON object", field="metadata")
+    return _json_or_invalid(dict(metadata or {}), "metadata", doc_id)
+
+
+def _check_spans(doc_id: str, spans: np.ndarray, n: int, text: str) -> np.ndarray:
+    _check_text(doc_id, text, required=True)
     spans = np.asarray(spans)
     if spans.shape != (n, 2) or not np.issubdtype(spans.dtype, np.integer):
         raise InvalidArgument(
@@ -329,7 +438,3 @@ def _json_or_invalid(value: Mapping[str, Any], field: str, doc_id: str | None = 
 
 def _strings(values: list[str]) -> np.ndarray:
     return np.array(values, dtype=np.dtypes.StringDType())
-
-
-def _pow2_rows(rows: int) -> int:
-    return 2 ** max(0, int(math.floor(math.log2(max(1, rows)))))

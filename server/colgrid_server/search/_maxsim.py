@@ -1,7 +1,10 @@
 """Exact MaxSim over a subset of documents, segment-wise: the candidates' token ranges are
-gathered a bounded block at a time, one matmul per block, and a scatter 'amax' folds each block's
-similarities into per-(document, query token) maxima. No Python loop per document; a document
-may span several blocks."""
+gathered (and decoded, for a compressed store) a bounded block at a time, one matmul per block,
+and a scatter 'amax' folds each block's similarities into per-(document, query token) maxima.
+No Python loop per document; a document may span several blocks.
+
+Tokens are a float16 tensor (the stored values) or any `TokenStore`; scores are exact for the
+float32 vectors the store decodes to."""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -9,6 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from colgrid_server.index import DenseTokens, TokenStore
+
+Tokens = torch.Tensor | TokenStore
 
 DEFAULT_BLOCK_TOKENS = 8192  # (8192 x dim) floats per block: cache-sized on CPU, small on GPU
 QUERY_PAD = 16
@@ -18,7 +25,7 @@ FP32_UNIT_ROUNDOFF = 2.0**-24
 
 def maxsim_scores(
     query: torch.Tensor,
-    tokens: torch.Tensor,
+    tokens: Tokens,
     doc_offsets: np.ndarray | torch.Tensor,
     doc_indices: np.ndarray,
     *,
@@ -45,7 +52,7 @@ class Explanation:
 
 def maxsim_explain(
     query: torch.Tensor,
-    tokens: torch.Tensor,
+    tokens: Tokens,
     doc_offsets: np.ndarray | torch.Tensor,
     doc_indices: np.ndarray,
     *,
@@ -54,15 +61,16 @@ def maxsim_explain(
     """The argmax document token per query token, exact (float32). Ties go to the first token.
     One pass: each block's maxima and first argmax are merged into the running ones, comparing
     only values of the same matmul (never recomputed ones)."""
-    _check_shapes(query, tokens, block_tokens)
-    layout = _Layout(doc_offsets, doc_indices, tokens.device)
-    q_t = _query_t(query, tokens.device, torch.float32)
+    store = _store(tokens)
+    _check_shapes(query, store, block_tokens)
+    layout = _Layout(doc_offsets, doc_indices, store.device)
+    q_t = _query_t(query, store.device, torch.float32)
     shape = (layout.n_docs, query.shape[0])
     never = torch.iinfo(torch.int64).max
-    best = torch.full(shape, -torch.inf, dtype=torch.float32, device=tokens.device)
-    first = torch.full(shape, never, dtype=torch.int64, device=tokens.device)
+    best = torch.full(shape, -torch.inf, dtype=torch.float32, device=store.device)
+    first = torch.full(shape, never, dtype=torch.int64, device=store.device)
     for block in layout.blocks(block_tokens):
-        sims = _block_sims(tokens, block, q_t, shape[1])
+        sims = _block_sims(store, block, q_t, shape[1])
         seg = block.segments[:, None].expand_as(sims)
         block_best = torch.full_like(best, -torch.inf).scatter_reduce_(0, seg, sims, "amax", include_self=True)
         position = torch.where(sims == block_best.gather(0, seg), block.within_doc[:, None].expand_as(sims), never)
@@ -107,26 +115,35 @@ def bf16_error_bound(query: torch.Tensor, max_token_norm: float) -> float:
 
 def _segment_maxima(
     query: torch.Tensor,
-    tokens: torch.Tensor,
+    tokens: Tokens,
     doc_offsets: np.ndarray | torch.Tensor,
     doc_indices: np.ndarray,
     block_tokens: int,
     compute_dtype: torch.dtype,
 ) -> torch.Tensor:
     """(n_docs, Q) float32 maxima of <query, token> per document."""
-    _check_shapes(query, tokens, block_tokens)
-    layout = _Layout(doc_offsets, doc_indices, tokens.device)
-    q_t = _query_t(query, tokens.device, compute_dtype)
-    maxima = torch.full((layout.n_docs, query.shape[0]), -torch.inf, dtype=torch.float32, device=tokens.device)
+    store = _store(tokens)
+    _check_shapes(query, store, block_tokens)
+    layout = _Layout(doc_offsets, doc_indices, store.device)
+    q_t = _query_t(query, store.device, compute_dtype)
+    maxima = torch.full((layout.n_docs, query.shape[0]), -torch.inf, dtype=torch.float32, device=store.device)
     for block in layout.blocks(block_tokens):
-        sims = _block_sims(tokens, block, q_t, query.shape[0])
+        sims = _block_sims(store, block, q_t, query.shape[0])
         maxima.scatter_reduce_(0, block.segments[:, None].expand_as(sims), sims, "amax", include_self=True)
     return maxima
 
 
-def _check_shapes(query: torch.Tensor, tokens: torch.Tensor, block_tokens: int) -> None:
-    if query.ndim != 2 or tokens.ndim != 2 or query.shape[1] != tokens.shape[1]:
-        raise ValueError(f"query shape {tuple(query.shape)} does not match tokens {tuple(tokens.shape)}")
+def _store(tokens: Tokens) -> TokenStore:
+    if isinstance(tokens, TokenStore):
+        return tokens
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be a (N_tok, dim) tensor, got shape {tuple(tokens.shape)}")
+    return DenseTokens(tokens, codec=str(tokens.dtype).removeprefix("torch."), max_norm=float("inf"))
+
+
+def _check_shapes(query: torch.Tensor, store: TokenStore, block_tokens: int) -> None:
+    if query.ndim != 2 or query.shape[1] != store.dim:
+        raise ValueError(f"query shape {tuple(query.shape)} does not match tokens ({store.rows}, {store.dim})")
     if block_tokens <= 0:
         raise ValueError("block_tokens must be positive")
 
@@ -177,8 +194,8 @@ def _query_t(query: torch.Tensor, device: torch.device, dtype: torch.dtype) -> t
     return padded
 
 
-def _block_sims(tokens: torch.Tensor, block: _Block, q_t: torch.Tensor, n_q: int) -> torch.Tensor:
+def _block_sims(store: TokenStore, block: _Block, q_t: torch.Tensor, n_q: int) -> torch.Tensor:
     """(rows, n_q) float32 similarities of the block's tokens to the (unpadded) query."""
-    gathered = tokens.index_select(0, block.rows)
-    # Through float32: exact for fp16 storage, and on CPU fp16 -> fp32 -> bf16 beats fp16 -> bf16.
-    return torch.mm(gathered.to(torch.float32).to(q_t.dtype), q_t)[:, :n_q].to(torch.float32)
+    # float32 from the store: exact for fp16 storage, and on CPU fp16 -> fp32 -> bf16 beats fp16 -> bf16.
+    gathered = store.gather(block.rows)
+    return torch.mm(gathered.to(q_t.dtype), q_t)[:, :n_q].to(torch.float32)

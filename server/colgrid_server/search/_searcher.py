@@ -101,14 +101,14 @@ class Searcher:
 
     def _scores(self, query: torch.Tensor, docs: np.ndarray, dtype: torch.dtype) -> np.ndarray:
         v = self.version
-        scores = maxsim_scores(query, v.tokens, v.doc_offsets, docs, block_tokens=self.block_tokens, compute_dtype=dtype)
+        scores = maxsim_scores(query, v.store, v.doc_offsets, docs, block_tokens=self.block_tokens, compute_dtype=dtype)
         return scores.cpu().numpy()
 
     def _explain(
         self, query: torch.Tensor, query_tokens: Sequence[str], docs: np.ndarray, scores: np.ndarray
     ) -> list[tuple[TokenMatch, ...]]:
         v = self.version
-        explanation = maxsim_explain(query, v.tokens, v.doc_offsets, docs, block_tokens=self.block_tokens)
+        explanation = maxsim_explain(query, v.store, v.doc_offsets, docs, block_tokens=self.block_tokens)
         token_index = explanation.token_index.cpu().numpy()
         similarity = explanation.similarity.cpu().numpy()
         out = []

@@ -1,0 +1,124 @@
+"""Loading a version's token payload into a TokenStore, chunk by chunk (never two full copies).
+
+keep_codes=False decodes a compressed version at load into float16, the layout the MaxSim
+kernel reads fastest (the same memory as an fp16 version). keep_codes=True keeps the codes
+resident and decodes the candidates' rows per query (DESIGN.md "Index versions")."""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, NoReturn
+
+import numpy as np
+import torch
+import zarr
+
+from colgrid_server.index import _format as F
+from colgrid_server.index._codecs import ResidualBuckets, int8_decode, packed_width, residual_decode, residual_table
+from colgrid_server.index._stores import DenseTokens, Int8Tokens, ResidualTokens, TokenStore
+
+Read = Callable[..., np.ndarray]  # (array name, selection=...) -> values; CorruptVersion on failure
+Fail = Callable[[str], NoReturn]
+
+
+class TokenLoader:
+    def __init__(self, arrays: Mapping[str, zarr.Array], read: Read, fail: Fail, *, n_tok: int, dim: int, device: torch.device) -> None:
+        self.arrays, self.read, self.fail = arrays, read, fail
+        self.n_tok, self.dim, self.device = n_tok, dim, device
+
+    def shapes(self, codec: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...], type]]:
+        """The shape and dtype each of the codec's arrays must have."""
+        n, dim, name = self.n_tok, self.dim, codec["name"]
+        if name == "fp16":
+            return {F.TOKENS: ((n, dim), np.float16)}
+        if name == "int8":
+            return {F.TOKENS_INT8: ((n, dim), np.int8), F.TOKEN_SCALES: ((n,), np.float32)}
+        buckets = 1 << int(codec["nbits"])
+        return {
+            F.RESIDUALS: ((n, packed_width(dim, int(codec["nbits"]))), np.uint8),
+            F.RESIDUAL_CUTOFFS: ((dim, buckets - 1), np.float32),
+            F.RESIDUAL_WEIGHTS: ((dim, buckets), np.float32),
+        }
+
+    def load(self, codec: Mapping[str, Any], codes: np.ndarray, centroids: np.ndarray, *, keep_codes: bool) -> TokenStore:
+        name = codec["name"]
+        if name == "fp16":
+            tokens, max_norm = self._dense(F.TOKENS, lambda block, start: block)
+            return DenseTokens(tokens, codec="fp16", max_norm=max_norm)
+        if name == "int8":
+            return self._int8(keep_codes)
+        return self._residual(codec, codes, centroids, keep_codes)
+
+    def _int8(self, keep_codes: bool) -> TokenStore:
+        scales = self.read(F.TOKEN_SCALES)
+        if not (np.isfinite(scales).all() and (scales > 0).all()):
+            self.fail("token_scales holds a scale that is not a positive finite number")
+        scales_t = torch.from_numpy(scales)
+
+        def decode(block: np.ndarray, start: int) -> np.ndarray:
+            return int8_decode(torch.from_numpy(block), scales_t[start : start + block.shape[0]]).numpy()
+
+        if not keep_codes:
+            tokens, max_norm = self._dense(F.TOKENS_INT8, decode)
+            return DenseTokens(tokens, codec="int8", max_norm=max_norm)
+        q = torch.empty((self.n_tok, self.dim), dtype=torch.int8)
+        max_norm = 0.0
+        for start, block in self._chunks(F.TOKENS_INT8):
+            q[start : start + block.shape[0]] = torch.from_numpy(block)
+            max_norm = max(max_norm, _block_max_norm(decode(block, start)))
+        return Int8Tokens(q.to(self.device), scales_t.to(self.device), max_norm=max_norm)
+
+    def _residual(self, codec: Mapping[str, Any], codes: np.ndarray, centroids: np.ndarray, keep_codes: bool) -> TokenStore:
+        cutoffs, weights = self.read(F.RESIDUAL_CUTOFFS), self.read(F.RESIDUAL_WEIGHTS)
+        if not (np.isfinite(cutoffs).all() and np.isfinite(weights).all()):
+            self.fail("residual_cutoffs or residual_weights hold NaN or infinity")
+        buckets = ResidualBuckets(nbits=int(codec["nbits"]), cutoffs=cutoffs, weights=weights)
+        table = residual_table(buckets, self.dim)
+        renormalize = bool(codec.get("renormalize", False))
+        centroids_t = torch.from_numpy(centroids)
+        codes_t = torch.from_numpy(codes)
+
+        def decode(block: np.ndarray, start: int) -> np.ndarray:
+            block_codes = codes_t[start : start + block.shape[0]]
+            return residual_decode(torch.from_numpy(block), block_codes, centroids_t, table, self.dim, renormalize).numpy()
+
+        if not keep_codes:
+            tokens, max_norm = self._dense(F.RESIDUALS, decode)
+            return DenseTokens(tokens, codec=codec["name"], max_norm=max_norm)
+        packed = torch.empty((self.n_tok, table.shape[0] // 256), dtype=torch.uint8)
+        for start, block in self._chunks(F.RESIDUALS):
+            packed[start : start + block.shape[0]] = torch.from_numpy(block)
+        d = self.device
+        return ResidualTokens(
+            packed.to(d), codes_t.to(d), centroids_t.to(d), table.to(d), codec=codec["name"], dim=self.dim, renormalize=renormalize
+        )
+
+    def _dense(self, name: str, decode: Callable[[np.ndarray, int], np.ndarray]) -> tuple[torch.Tensor, float]:
+        """float16 (N_tok, dim) on the device from array name, decoded chunk by chunk, and the
+        largest stored token norm (it bounds the error of reduced-precision scoring). numpy does
+        the per-chunk copy: single-threaded, it is not slowed by torch's pool on busy hosts."""
+        tokens = torch.empty((self.n_tok, self.dim), dtype=torch.float16, device=self.device)
+        host = tokens.numpy() if self.device.type == "cpu" else None
+        max_norm = 0.0
+        for start, block in self._chunks(name):
+            values = np.asarray(decode(block, start)).astype(np.float16, copy=False)
+            block_max = _block_max_norm(values)  # NaN or infinity if any value is
+            if not math.isfinite(block_max):
+                self.fail(f"{name} rows {start}..{start + block.shape[0]} contain or decode to NaN or infinity")
+            max_norm = max(max_norm, block_max)
+            if host is not None:
+                host[start : start + block.shape[0]] = values
+            else:
+                tokens[start : start + block.shape[0]] = torch.from_numpy(values).to(self.device)
+        return tokens, max_norm
+
+    def _chunks(self, name: str) -> Iterator[tuple[int, np.ndarray]]:
+        array = self.arrays[name]
+        step = array.chunks[0]
+        for start in range(0, self.n_tok, step):
+            yield start, self.read(name, slice(start, start + step))
+
+
+def _block_max_norm(block: np.ndarray) -> float:
+    wide = block.astype(np.float32)
+    return math.sqrt(float(np.einsum("ij,ij->i", wide, wide).max())) if wide.size else 0.0
