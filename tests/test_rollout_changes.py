@@ -233,14 +233,18 @@ def test_a_server_starting_on_a_canary_it_cannot_load_serves_stable_alone_withou
 
 
 def test_a_change_waits_until_every_live_replica_serves_it(three_versions):
-    with serving(three_versions, registry_poll_seconds=0.2) as a, \
-            serving(three_versions, registry_poll_seconds=0.2) as b:
-        status = a.client.start_canary(INDEX, "v2", 30, wait_for_replicas=30)
-        assert status.pending_replicas == ()
-        live = {r.replica_id: r for r in status.replicas if r.live}
-        assert set(live) == {a.server.running.replica.replica_id, b.server.running.replica.replica_id}
-        assert all(r.acknowledged and r.generation == status.rollout.generation for r in live.values())
-        assert answering_versions(b.client, 40) == {"v1", "v2"}
+    with serving(three_versions, registry_poll_seconds=0.2) as a:
+        with serving(three_versions, registry_poll_seconds=0.2) as b:
+            status = a.client.start_canary(INDEX, "v2", 30, wait_for_replicas=30)
+            assert status.pending_replicas == ()
+            live = {r.replica_id: r for r in status.replicas if r.live}
+            assert set(live) == {a.server.running.replica.replica_id, b.server.running.replica.replica_id}
+            assert all(r.acknowledged and r.generation == status.rollout.generation for r in live.values())
+            assert answering_versions(b.client, 40) == {"v1", "v2"}
+        # b stopped gracefully: it left the replica list, so the next change waits for a alone.
+        after = a.client.promote(INDEX, wait_for_replicas=30)
+        assert [r.replica_id for r in after.replicas] == [a.server.running.replica.replica_id]
+        assert after.pending_replicas == ()
 
 
 def test_a_wait_that_runs_out_returns_the_change_and_names_the_pending_replicas(three_versions):

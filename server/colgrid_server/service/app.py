@@ -99,6 +99,7 @@ class RunningServer:
         await self.server.stop(self.settings.grace_seconds if grace is None else grace)
         self.executor.shutdown(wait=True, cancel_futures=True)
         self.admin_executor.shutdown(wait=True, cancel_futures=True)
+        self.replica.forget()  # a replica that stopped on purpose is not waited for
         self.state.close()
         self.state.registry.close()
 

@@ -56,6 +56,13 @@ class Replica:
             log.warning("heartbeat to the registry failed (will retry next poll): %s", exc)
             return False
 
+    def forget(self) -> None:
+        """Leave the registry's replica list (graceful shutdown): nobody waits for us any more."""
+        try:
+            self.registry.forget_replica(self.replica_id)
+        except RegistryError as exc:
+            log.warning("could not remove replica %s from the registry: %s", self.replica_id, exc)
+
     def acknowledgements(self, index: str, generation: int) -> Acknowledgements:
         replicas = self.registry.list_replicas(live_within_s=self.live_within_s)
         return Acknowledgements(index, generation, tuple(replicas))
