@@ -28,6 +28,7 @@ class Settings:
     encoder_threads: int = 0          # 0: onnxruntime's default
     device: str = "auto"              # auto | cpu | cuda
     registry_poll_seconds: float = 2.0
+    replica_id: str = ""              # empty: host:port+pid (how this server reports to the registry)
     grace_seconds: float = 5.0
     log_level: str = "INFO"
 

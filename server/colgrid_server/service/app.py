@@ -123,10 +123,10 @@ async def start_server(settings: Settings) -> RunningServer:
     port = server.add_insecure_port(settings.target)
     if port == 0 and settings.port != 0:
         raise FailedPrecondition(f"cannot listen on {settings.target}: is another server using the port?")
-    # `replica_id` is read if the settings carry one (several replicas behind one address need
+    # Several replicas behind one address need
     # distinct ids); else host:port+pid, known now that the port is bound.
     replica = Replica(registry, state,
-                      replica_id=getattr(settings, "replica_id", "") or default_replica_id(settings.host, port),
+                      replica_id=settings.replica_id or default_replica_id(settings.host, port),
                       address=f"{advertised_host(settings.host)}:{port}",
                       live_within_s=max(LIVE_MIN_SECONDS, LIVE_POLLS * settings.registry_poll_seconds))
     pb_grpc.add_SearchServiceServicer_to_server(SearchService(state, settings, executor), server)
