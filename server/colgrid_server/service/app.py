@@ -123,8 +123,8 @@ async def start_server(settings: Settings) -> RunningServer:
     port = server.add_insecure_port(settings.target)
     if port == 0 and settings.port != 0:
         raise FailedPrecondition(f"cannot listen on {settings.target}: is another server using the port?")
-    # Several replicas behind one address need
-    # distinct ids); else host:port+pid, known now that the port is bound.
+    # Several replicas behind one address need distinct ids (COLGRID_REPLICA_ID); else
+    # host:port+pid, known now that the port is bound.
     replica = Replica(registry, state,
                       replica_id=settings.replica_id or default_replica_id(settings.host, port),
                       address=f"{advertised_host(settings.host)}:{port}",
