@@ -97,3 +97,23 @@ def test_invalid_index_name_is_a_clear_error(tmp_path):
     proc = colgrid("index", "build", "../escape", "--input", str(docs), "--data-dir", str(tmp_path), check=False)
     assert proc.returncode == 1 and "colgrid: error:" in proc.stderr
     assert not (tmp_path.parent / "escape").exists()
+
+
+def test_encoder_export_handles_a_colqwen2_checkpoint(tmp_path):
+    from colgrid_server.encoders.tiny_models import build_tiny_colqwen2
+
+    checkpoint = tmp_path / "tiny-colqwen2"
+    build_tiny_colqwen2(checkpoint, seed=0)
+    out = tmp_path / "encoder"
+    proc = colgrid("encoder", "export", str(checkpoint), "--kind", "colqwen2", "--out", str(out))
+    import re
+
+    figures = [float(x) for x in re.findall(r"min cosine ([0-9.]+)", proc.stdout)]
+    assert len(figures) == 2 and min(figures) >= 0.999
+    info = json.loads(colgrid("encoder", "info", str(out)).stdout)
+    assert info["kind"] == "colqwen2" and info["image"] is not None
+
+
+def test_multimodal_export_without_a_checkpoint_is_a_clear_error(tmp_path):
+    proc = colgrid("encoder", "export", "--kind", "colpali", "--out", str(tmp_path / "x"), check=False)
+    assert proc.returncode == 1 and "needs a local checkpoint" in proc.stderr

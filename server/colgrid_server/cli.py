@@ -81,17 +81,36 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # -------------------------------------------------------------------------------- encoder verbs
 
 def cmd_encoder_export(args: argparse.Namespace) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.kind != "colbert":
+        return _export_multimodal(args)
     from colgrid_server.encoders import DEFAULT_ENCODER_NAME, bundled_checkpoint, export_text_encoder
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     checkpoint = Path(args.checkpoint) if args.checkpoint else bundled_checkpoint()
     name = args.name or (None if args.checkpoint else DEFAULT_ENCODER_NAME)
     report = export_text_encoder(checkpoint, Path(args.out), name=name,
-                                 query_max_length=args.query_max_length,
-                                 document_max_length=args.document_max_length,
+                                 query_max_length=args.query_max_length or 32,
+                                 document_max_length=args.document_max_length or 256,
                                  query_marker=args.query_marker, document_marker=args.document_marker)
     print(f"exported {checkpoint} -> {report.path}\n  encoder id: {report.encoder_id}\n"
           f"  parity: min per-token cosine {report.min_token_cosine:.6f}, max abs diff {report.max_abs_diff:.2e}")
+    return 0
+
+
+def _export_multimodal(args: argparse.Namespace) -> int:
+    """ColQwen2 / ColPali (colpali-engine checkpoints, LoRA adapters merged first)."""
+    from colgrid_server.encoders import export_multimodal
+
+    if not args.checkpoint:
+        raise ValueError(f"--kind {args.kind} needs a local checkpoint (or LoRA adapter) directory")
+    lengths = {key: value for key, value in (("query_max_length", args.query_max_length),
+                                             ("document_max_length", args.document_max_length)) if value}
+    report = export_multimodal(args.kind, Path(args.checkpoint), Path(args.out), name=args.name,
+                               base_model=args.base_model, **lengths)
+    print(f"exported {args.kind} {args.checkpoint} -> {report.path}\n  encoder id: {report.encoder_id}\n"
+          f"  parity: query min cosine {report.query_min_cosine:.6f}, image min cosine "
+          f"{report.image_min_cosine:.6f}, end to end {report.end_to_end_min_cosine:.6f}"
+          + ("\n  LoRA adapter merged" if report.merged_adapter else ""))
     return 0
 
 
@@ -242,13 +261,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     enc = verbs.add_parser("encoder", help="export and inspect encoders").add_subparsers(
         dest="encoder_verb", required=True, metavar="VERB")
-    p = enc.add_parser("export", help="export a ColBERT-style HF checkpoint to an ONNX encoder dir",
-                       description="Export a ColBERT-style Hugging Face text checkpoint to ONNX, with a parity check.")
+    p = enc.add_parser("export", help="export a HF checkpoint to an ONNX encoder dir",
+                       description="Export a ColBERT-style text checkpoint, or a ColQwen2/ColPali checkpoint "
+                                   "(--kind), to ONNX, with a parity check against PyTorch.")
     p.add_argument("checkpoint", nargs="?", help="local checkpoint dir (default: bundled all-MiniLM-L6-v2)")
     p.add_argument("--out", required=True, help="encoder directory to create")
+    p.add_argument("--kind", choices=["colbert", "colqwen2", "colpali"], default="colbert")
+    p.add_argument("--base-model", help="base model dir when CHECKPOINT is a LoRA adapter")
     p.add_argument("--name", help="encoder name recorded in encoder.json")
-    p.add_argument("--query-max-length", type=int, default=32)
-    p.add_argument("--document-max-length", type=int, default=256)
+    p.add_argument("--query-max-length", type=int, help="default 32 (text), 512 (multimodal)")
+    p.add_argument("--document-max-length", type=int, help="default 256 (text), 2048 (multimodal)")
     p.add_argument("--query-marker", default="")
     p.add_argument("--document-marker", default="")
     p.set_defaults(fn=cmd_encoder_export)
