@@ -13,6 +13,7 @@ from colgrid_server.index import (
     EncoderRef,
     build_version_from_arrays,
     external_encoder_ref,
+    external_version_writer,
     is_external,
     open_version,
     version_exists,
@@ -100,6 +101,25 @@ def test_is_external_tells_external_versions_from_encoder_built_ones(version):
     _, loaded = version
     assert is_external(loaded.encoder)
     assert not is_external(EncoderRef("4a638a5de297", "colbert", 384))
+
+
+def test_summary_names_the_external_encoder_and_codec(version):
+    summary, _ = version
+    assert summary.encoder == external_encoder_ref(DIM, normalized=True)
+    assert summary.codec == "fp16"
+
+
+def test_documents_streamed_one_by_one_make_the_same_kind_of_version(tmp_path, arrays):
+    tokens, offsets, ids = arrays
+    with external_version_writer(tmp_path / "v", dim=DIM, normalized=True, build_params=SMALL) as writer:
+        for i, doc_id in enumerate(ids):
+            writer.add(doc_id, tokens[offsets[i] : offsets[i + 1]], metadata={"n": i})
+        writer.finalize()
+    loaded = open_version(tmp_path / "v")
+    assert loaded.encoder == external_encoder_ref(DIM, normalized=True)
+    assert loaded.attrs["vectors"] == {"source": "external", "normalization": "l2"}
+    assert loaded.texts == [""] * len(ids) and loaded.attrs["token_spans"] is False
+    np.testing.assert_array_equal(loaded.tokens.numpy(), tokens.astype(np.float16))
 
 
 def test_unnormalized_vectors_are_kept_as_given(tmp_path, arrays):

@@ -41,7 +41,8 @@ def documents(corpus):
 def versions(tmp_path_factory, corpus, documents) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("codecs")
     for codec in CODECS:
-        write_synthetic_version(root / codec, documents, corpus.encoder, build_params={"codec": codec, "n_centroids": 32})
+        summary = write_synthetic_version(root / codec, documents, corpus.encoder, build_params={"codec": codec, "n_centroids": 32})
+        assert summary.codec == codec
     return {codec: root / codec for codec in CODECS}
 
 

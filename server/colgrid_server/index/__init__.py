@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from colgrid_server.index._build import DocumentEncoder, build_version
 from colgrid_server.index._centroids import centroid_count
-from colgrid_server.index._external import build_version_from_arrays, external_encoder_ref, is_external
+from colgrid_server.index._external import build_version_from_arrays, external_encoder_ref, external_version_writer, is_external
 from colgrid_server.index._format import CODECS, DEFAULT_CODEC, FORMAT_VERSION, MANIFEST_NAME, EncoderRef, VersionSummary
 from colgrid_server.index._reader import LoadedVersion, open_version, verify_version, version_exists
 from colgrid_server.index._stores import DenseTokens, Int8Tokens, ResidualTokens, TokenStore
@@ -29,6 +29,7 @@ __all__ = [
     "DocumentEncoder",
     "EncoderRef",
     "external_encoder_ref",
+    "external_version_writer",
     "Int8Tokens",
     "is_external",
     "load_vector_files",

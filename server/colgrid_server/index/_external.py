@@ -53,6 +53,19 @@ def is_external(encoder: EncoderRef) -> bool:
     return encoder.kind == EXTERNAL_KIND
 
 
+def external_version_writer(
+    final_dir: Path, *, dim: int, normalized: bool, build_params: Mapping[str, Any] | None = None
+) -> VersionWriter:
+    """A VersionWriter for external vectors of this dim and normalisation, for callers that
+    stream documents one by one (the ingest RPC): writer.add(doc_id, vectors, metadata=...)
+    with no spans, then writer.finalize(). Use it as a context manager."""
+    if not isinstance(normalized, bool):
+        raise InvalidArgument(f"normalized must be true or false, got {normalized!r}", field="normalized")
+    attrs = {"vectors": {"source": "external", "normalization": _normalization(normalized)}}
+    encoder = external_encoder_ref(dim, normalized)
+    return VersionWriter(Path(final_dir), encoder=encoder, build_params=build_params, normalized=normalized, extra_attrs=attrs)
+
+
 def build_version_from_arrays(
     final_dir: Path,
     *,
@@ -82,12 +95,8 @@ def build_version_from_arrays(
     if texts is not None and not all(isinstance(t, str) for t in texts):
         raise InvalidArgument("texts must be strings, one per document", field="texts")
 
-    encoder = external_encoder_ref(dim, normalized)
-    params = dict(build_params or {})
-    attrs = {"vectors": {"source": "external", "normalization": _normalization(normalized)}}
-    with VersionWriter(Path(final_dir), encoder=encoder, build_params=params, normalized=normalized, extra_attrs=attrs) as writer, tqdm(
-        total=n_tok, desc="write vectors", unit="tok", disable=not progress
-    ) as bar:
+    writer = external_version_writer(final_dir, dim=dim, normalized=normalized, build_params=build_params)
+    with writer, tqdm(total=n_tok, desc="write vectors", unit="tok", disable=not progress) as bar:
         for first, last in _blocks(offsets, max(1, BLOCK_BYTES // (4 * dim))):
             lo, hi = int(offsets[first]), int(offsets[last])
             writer.add_block(

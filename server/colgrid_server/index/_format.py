@@ -82,3 +82,5 @@ class VersionSummary:
     dim: int
     manifest_sha256: str
     build_seconds: float
+    codec: str = DEFAULT_CODEC
+    encoder: EncoderRef | None = None

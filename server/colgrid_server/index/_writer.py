@@ -272,6 +272,8 @@ class VersionWriter:
             dim=self.encoder.dim,
             manifest_sha256=manifest_sha,
             build_seconds=time.monotonic() - self._started,
+            codec=self.codec.name,
+            encoder=self.encoder,
         )
 
     def _resolved_params(self, n_tokens: int) -> dict[str, Any]:
