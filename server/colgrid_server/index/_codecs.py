@@ -160,8 +160,8 @@ def residual_decode(
     n, width = packed.shape
     if packed.device.type == "cpu":
         # numpy's take is ~7x faster than torch's embedding lookup for rows of 2-4 floats.
-        rows = packed.numpy().astype(np.int32)
-        rows += np.arange(0, width * 256, 256, dtype=np.int32)
+        rows = packed.numpy().astype(np.intp)  # take's own index type: no conversion inside
+        rows += np.arange(0, width * 256, 256, dtype=np.intp)
         residual = torch.from_numpy(np.take(table.numpy(), rows.reshape(-1), axis=0).reshape(n, -1))
     else:
         rows_t = packed.to(torch.int64) + torch.arange(0, width * 256, 256, device=packed.device)

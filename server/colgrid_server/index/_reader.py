@@ -18,7 +18,7 @@ from colgrid_server.errors import CorruptVersion, FailedPrecondition, NotFound
 from colgrid_server.index import _format as F
 from colgrid_server.index._centroids import load_graph
 from colgrid_server.index._format import EncoderRef
-from colgrid_server.index._manifest import list_files, read_manifest, verify_files
+from colgrid_server.index._manifest import read_manifest, verify_files
 from colgrid_server.index._stores import DenseTokens, TokenStore
 from colgrid_server.index._token_loader import TokenLoader
 

@@ -89,8 +89,10 @@ class TokenLoader:
         for start, block in self._chunks(F.RESIDUALS):
             packed[start : start + block.shape[0]] = torch.from_numpy(block)
         d = self.device
+        # uint16 codes serve as they are on CPU; CUDA kernels cover few uint16 ops, so int32 there.
+        codes_d = codes_t if d.type == "cpu" else codes_t.to(torch.int32).to(d)
         return ResidualTokens(
-            packed.to(d), codes_t.to(d), centroids_t.to(d), table.to(d), codec=codec["name"], dim=self.dim, renormalize=renormalize
+            packed.to(d), codes_d, centroids_t.to(d), table.to(d), codec=codec["name"], dim=self.dim, renormalize=renormalize
         )
 
     def _dense(self, name: str, decode: Callable[[np.ndarray, int], np.ndarray]) -> tuple[torch.Tensor, float]:
