@@ -134,6 +134,12 @@ def test_int8_decodes_within_half_a_step_of_the_stored_vectors(versions, documen
     assert np.all(np.abs(decoded - original) <= step / 2 + 1e-6)
 
 
+def test_int8_norm_bound_covers_every_decoded_token_and_stays_close(versions):
+    loaded = open_version(versions["int8"], keep_codes=True)
+    largest = float(torch.linalg.vector_norm(loaded.store.decode(0, loaded.tokens_count), dim=1).max())
+    assert largest <= loaded.max_token_norm <= 1.1 * largest
+
+
 @pytest.mark.parametrize("codec", ["residual4", "residual2"])
 def test_residual_coordinates_are_bucket_values_around_the_centroid(tmp_path, corpus, documents, codec):
     # Vectors that are not unit length are not re-normalised: decoded - centroid is exactly

@@ -197,7 +197,9 @@ class _Loader:
         centroids = self.read(F.CENTROIDS)
         if not np.isfinite(centroids).all():
             self.fail("centroids hold NaN or infinity")
-        store = tokens.load(codec, codes, centroids, keep_codes=keep_codes)
+        norms = attrs.get("token_norms")
+        max_input_norm = float(norms["max"]) if isinstance(norms, Mapping) and "max" in norms else None
+        store = tokens.load(codec, codes, centroids, keep_codes=keep_codes, max_input_norm=max_input_norm)
         try:
             graph = load_graph(self.read(F.CENTROID_HNSW).tobytes(), dim=self.dim, count=n_cent, ef=HNSW_EF)
         except RuntimeError as exc:

@@ -14,7 +14,7 @@ import torch
 import zarr
 
 from colgrid_server.index import _format as F
-from colgrid_server.index._codecs import ResidualBuckets, int8_decode, packed_width, residual_decode, residual_table
+from colgrid_server.index._codecs import INT8_MAX, ResidualBuckets, int8_decode, packed_width, residual_decode, residual_table
 from colgrid_server.index._stores import DenseTokens, Int8Tokens, ResidualTokens, TokenStore
 
 Read = Callable[..., np.ndarray]  # (array name, selection=...) -> values; CorruptVersion on failure
@@ -40,16 +40,19 @@ class TokenLoader:
             F.RESIDUAL_WEIGHTS: ((dim, buckets), np.float32),
         }
 
-    def load(self, codec: Mapping[str, Any], codes: np.ndarray, centroids: np.ndarray, *, keep_codes: bool) -> TokenStore:
+    def load(
+        self, codec: Mapping[str, Any], codes: np.ndarray, centroids: np.ndarray, *, keep_codes: bool, max_input_norm: float | None
+    ) -> TokenStore:
+        """max_input_norm: the largest norm of the vectors the codec encoded (zarr.json), if known."""
         name = codec["name"]
         if name == "fp16":
             tokens, max_norm = self._dense(F.TOKENS, lambda block, start: block)
             return DenseTokens(tokens, codec="fp16", max_norm=max_norm)
         if name == "int8":
-            return self._int8(keep_codes)
+            return self._int8(keep_codes, max_input_norm)
         return self._residual(codec, codes, centroids, keep_codes)
 
-    def _int8(self, keep_codes: bool) -> TokenStore:
+    def _int8(self, keep_codes: bool, max_input_norm: float | None) -> TokenStore:
         scales = self.read(F.TOKEN_SCALES)
         if not (np.isfinite(scales).all() and (scales > 0).all()):
             self.fail("token_scales holds a scale that is not a positive finite number")
@@ -62,11 +65,17 @@ class TokenLoader:
             tokens, max_norm = self._dense(F.TOKENS_INT8, decode)
             return DenseTokens(tokens, codec="int8", max_norm=max_norm)
         q = torch.empty((self.n_tok, self.dim), dtype=torch.int8)
-        max_norm = 0.0
+        measured = 0.0
         for start, block in self._chunks(F.TOKENS_INT8):
             q[start : start + block.shape[0]] = torch.from_numpy(block)
-            max_norm = max(max_norm, _block_max_norm(decode(block, start)))
-        return Int8Tokens(q.to(self.device), scales_t.to(self.device), max_norm=max_norm)
+            if max_input_norm is None:
+                measured = max(measured, _block_max_norm(decode(block, start)))
+        if max_input_norm is not None:
+            # Rounding moves each coordinate by at most half a step, scale / 2 <= |x|max / 254:
+            # |decoded| <= |x| (1 + sqrt(dim) / 254). A bound is all the bf16 pass needs, and
+            # it saves decoding every token at load.
+            measured = max_input_norm * (1 + math.sqrt(self.dim) / (2 * INT8_MAX)) * (1 + 1e-6)
+        return Int8Tokens(q.to(self.device), scales_t.to(self.device), max_norm=measured)
 
     def _residual(self, codec: Mapping[str, Any], codes: np.ndarray, centroids: np.ndarray, keep_codes: bool) -> TokenStore:
         cutoffs, weights = self.read(F.RESIDUAL_CUTOFFS), self.read(F.RESIDUAL_WEIGHTS)
