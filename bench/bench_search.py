@@ -281,9 +281,11 @@ def sweep(searcher: Searcher, encoded: list[EncodedText], truth: list[list[str]]
     return rows
 
 
-def maxsim_kernel(version: LoadedVersion, encoded: list[EncodedText], n_docs: int, repeats: int, seed: int) -> list[dict[str, Any]]:
+def maxsim_kernel(version: LoadedVersion, encoded: list[EncodedText], n_docs: int, repeats: int, seed: int,
+                  thread_counts: Sequence[int]) -> list[dict[str, Any]]:
     """Exact MaxSim (maxsim_scores: gather + matmul + segment max) against one plain torch.mm of
-    the same FLOPs and dtype on already-gathered, contiguous operands."""
+    the same FLOPs and dtype on already-gathered, contiguous operands, at each torch intra-op
+    thread count (a search runs with Searcher.threads; the process default may differ)."""
     rows = np.concatenate([q.vectors for q in encoded])[:32]  # 32 real query-token vectors
     query = torch.from_numpy(np.ascontiguousarray(rows))
     docs = np.sort(np.random.default_rng(seed).choice(version.documents, size=min(n_docs, version.documents), replace=False))
@@ -296,16 +298,21 @@ def maxsim_kernel(version: LoadedVersion, encoded: list[EncodedText], n_docs: in
     sims = (gathered @ query.T).numpy()
     bounds = np.concatenate([[0], np.cumsum(ends - starts)[:-1]])
     reference = np.maximum.reduceat(sims, bounds, axis=0).sum(axis=1)
-    out = []
-    for dtype in (torch.float32, torch.bfloat16):
+    out, default_threads = [], torch.get_num_threads()
+    for threads, dtype in [(t, d) for t in thread_counts for d in (torch.float32, torch.bfloat16)]:
         a, b = gathered.to(dtype).contiguous(), query.T.to(dtype).contiguous()
 
         def run_maxsim() -> torch.Tensor:
             return maxsim_scores(query, version.tokens, version.doc_offsets, docs, compute_dtype=dtype)
 
-        scores = run_maxsim()
-        t_maxsim, t_mm = median_seconds([run_maxsim, lambda: torch.mm(a, b)], repeats)
+        torch.set_num_threads(threads)
+        try:
+            scores = run_maxsim()
+            t_maxsim, t_mm = median_seconds([run_maxsim, lambda: torch.mm(a, b)], repeats)
+        finally:
+            torch.set_num_threads(default_threads)
         out.append({
+            "threads": threads,
             "dtype": str(dtype).removeprefix("torch."),
             "query_tokens": int(query.shape[0]),
             "documents": int(docs.shape[0]),
@@ -387,7 +394,7 @@ def print_report(r: dict[str, Any], k: int) -> None:
     idx, ex = r["index"], r["exhaustive"]
     print(f"\ncolgrid search benchmark — {idx['documents']:,} documents, {idx['tokens']:,} tokens, "
           f"{idx['centroids']:,} centroids, {r['corpus']['queries']} queries, {r['machine']['cpu_count']} CPUs "
-          f"({r['machine']['torch_threads']} torch threads)")
+          f"({r['search_threads']} torch thread(s) per search, {r['machine']['torch_threads']} by default)")
     cached = " (cached build)" if idx["cached"] else ""
     print(f"build{cached}: encode {idx['encode_s']:.1f} s, index {idx['index_build_s']:.1f} s, "
           f"total {idx['build_total_s']:.1f} s, peak RSS {idx['peak_rss_mb']:.0f} MB; "
@@ -405,12 +412,12 @@ def print_report(r: dict[str, Any], k: int) -> None:
               f"{s['p99_ms']:>7.1f} {s['qps']:>7.1f} {s['candidates_mean']:>7.0f} {s['candidates_ms_mean']:>8.1f} {s['maxsim_ms_mean']:>9.1f}")
     print(f"* = the SearchParams defaults (nprobe={DEFAULT_NPROBE}, n_candidates={DEFAULT_N_CANDIDATES})")
     print("\nexact MaxSim kernel vs plain torch.mm of the same FLOPs and dtype")
-    head = f"{'dtype':>9} {'shape (Q x docs x tokens)':>26} {'maxsim ms':>9} {'GFLOP/s':>8} {'matmul ms':>9} {'GFLOP/s':>8} {'ratio':>6}"
+    head = f"{'threads':>7} {'dtype':>9} {'shape (Q x docs x tokens)':>26} {'maxsim ms':>9} {'GFLOP/s':>8} {'matmul ms':>9} {'GFLOP/s':>8} {'ratio':>6}"
     print(head)
     print("-" * len(head))
     for m in r["maxsim_kernel"]:
         shape = f"{m['query_tokens']} x {m['documents']} x {m['doc_tokens']:,}"
-        print(f"{m['dtype']:>9} {shape:>26} {m['maxsim_ms']:>9.1f} {m['maxsim_gflops']:>8.1f} {m['matmul_ms']:>9.1f} "
+        print(f"{m['threads']:>7} {m['dtype']:>9} {shape:>26} {m['maxsim_ms']:>9.1f} {m['maxsim_gflops']:>8.1f} {m['matmul_ms']:>9.1f} "
               f"{m['matmul_gflops']:>8.1f} {m['throughput_ratio']:>6.2f}")
 
 
@@ -433,6 +440,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--kernel-docs", type=int, default=1000, help="candidates in the MaxSim kernel measurement")
     p.add_argument("--kernel-repeats", type=int, default=20)
     p.add_argument("--threads", type=int, default=None, help="torch and ONNX Runtime threads (default: theirs)")
+    p.add_argument("--search-threads", type=int, default=None, help="torch threads per search (default: Searcher's)")
     p.add_argument("--rescan", action="store_true", help="scan the installed sources again instead of reusing the saved corpus")
     p.add_argument("--rebuild", action="store_true", help="rebuild the index (reusing cached embeddings)")
     return p.parse_args(argv)
@@ -478,7 +486,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                          "query_encode_ms_mean": (time.perf_counter() - started) * 1e3 / len(queries),
                          "query_tokens_mean": float(np.mean([q.vectors.shape[0] for q in encoded]))}
 
-    searcher = Searcher(version)
+    searcher = Searcher(version) if args.search_threads is None else Searcher(version, threads=args.search_threads)
+    report["search_threads"] = searcher.threads
     truth_key = digest([version.manifest_sha256, str(args.k), *(q.text for q in queries)])[:16]
     log("exhaustive exact MaxSim (ground truth)")
     truth = exhaustive_truth(searcher, encoded, args.k, work / "truth" / f"{truth_key}.json")
@@ -489,7 +498,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     report["sweep"] = sweep(searcher, encoded, truth["top"], args.k, args.nprobe, args.n_candidates, args.warmup)
     rss["sweep"] = peak_rss_mb()
     log("MaxSim kernel")
-    report["maxsim_kernel"] = maxsim_kernel(version, encoded, args.kernel_docs, args.kernel_repeats, args.seed)
+    thread_counts = sorted({searcher.threads, torch.get_num_threads()})
+    report["maxsim_kernel"] = maxsim_kernel(version, encoded, args.kernel_docs, args.kernel_repeats, args.seed, thread_counts)
     report["peak_rss_search_mb"] = rss["maxsim_kernel"] = peak_rss_mb()
     report["load_average_at_end"] = list(os.getloadavg())
 
