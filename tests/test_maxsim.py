@@ -115,3 +115,14 @@ def test_query_of_another_dimension_is_rejected():
     tokens, offsets, _ = _corpus([2, 2])
     with pytest.raises(ValueError, match="does not match"):
         maxsim_explain(torch.ones(2, DIM + 1), tokens, offsets, np.array([0]))
+
+
+def test_block_shapes_come_from_a_bounded_set_whatever_the_candidates():
+    # oneDNN caches one compiled kernel per matmul shape: free block sizes grew memory forever.
+    from colgrid_server.search._maxsim import ROW_QUANTUM, _Layout
+
+    lengths = list(np.random.default_rng(5).integers(1, 50, size=200))
+    _, offsets, _ = _corpus(lengths)
+    for pick in (np.arange(200), np.array([3]), np.arange(0, 200, 7)):
+        rows = [block.rows.shape[0] for block in _Layout(offsets, pick, torch.device("cpu")).blocks(1000)]
+        assert all(n % ROW_QUANTUM == 0 for n in rows)

@@ -19,6 +19,11 @@ Tokens = torch.Tensor | TokenStore
 
 DEFAULT_BLOCK_TOKENS = 8192  # (8192 x dim) floats per block: cache-sized on CPU, small on GPU
 QUERY_PAD = 16
+# Block rows are padded to a multiple of this (repeating the last row: a repeat changes no
+# maximum). oneDNN compiles and caches a kernel per matmul shape, ~0.6 MB each: with the last
+# block's size free, a long-running server kept growing; with it bounded, at most
+# DEFAULT_BLOCK_TOKENS / ROW_QUANTUM shapes per query width.
+ROW_QUANTUM = 256
 BF16_UNIT_ROUNDOFF = 2.0**-8
 FP32_UNIT_ROUNDOFF = 2.0**-24
 
@@ -174,7 +179,10 @@ class _Layout:
     def blocks(self, block_tokens: int) -> Iterator[_Block]:
         total = int(self.cum[-1])
         for begin in range(0, total, block_tokens):
-            pos = np.arange(begin, min(total, begin + block_tokens), dtype=np.int64)
+            end = min(total, begin + block_tokens)
+            pos = np.arange(begin, end, dtype=np.int64)
+            if short := -(end - begin) % ROW_QUANTUM:
+                pos = np.concatenate([pos, np.full(short, end - 1, dtype=np.int64)])
             seg = np.searchsorted(self.cum, pos, side="right") - 1
             within = pos - self.cum[seg]
             yield _Block(
