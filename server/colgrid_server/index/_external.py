@@ -18,7 +18,8 @@ from tqdm import tqdm
 from colgrid_server.documents import MAX_DOC_ID_CHARS
 from colgrid_server.errors import InvalidArgument
 from colgrid_server.index._format import EXTERNAL_KIND, EncoderRef, VersionSummary
-from colgrid_server.index._writer import VersionWriter, first_duplicate
+from colgrid_server.index._validate import first_duplicate
+from colgrid_server.index._writer import VersionWriter
 
 # Input read and validated per step, as float32: bounds memory whatever the corpus size, large
 # enough that per-block overhead does not show.

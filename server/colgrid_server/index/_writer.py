@@ -3,13 +3,12 @@ inverted lists and the centroid graph, encode the tokens with the version's code
 manifest last and publish with one rename."""
 from __future__ import annotations
 
-import json
 import math
 import os
 import secrets
 import shutil
 import time
-from collections.abc import Mapping, Sequence, Set
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -26,6 +25,16 @@ from colgrid_server.index._codec_writer import CodecWriter
 from colgrid_server.index._codecs import RESIDUAL_FIT_SAMPLE, resolve_codec
 from colgrid_server.index._format import EncoderRef, VersionSummary
 from colgrid_server.index._manifest import fsync_dir, fsync_tree, write_manifest
+from colgrid_server.index._validate import (
+    check_spans,
+    check_text,
+    check_utf8,
+    first_duplicate,
+    json_or_invalid,
+    metadata_json,
+    no_spans,
+    strings,
+)
 from colgrid_server.index._zarr_io import CHUNK_BYTES, WRITE_CONFIG, Appender, pow2_rows
 
 DOC_CHUNK = 4096  # documents per chunk of the per-document string arrays
@@ -59,11 +68,11 @@ class VersionWriter:
         self.final_dir = Path(final_dir)
         self.encoder = encoder
         self.build_params = dict(build_params or {})
-        _json_or_invalid(self.build_params, "build_params")
+        json_or_invalid(self.build_params, "build_params")
         self.codec = resolve_codec(self.build_params)
         self.normalized = normalized
         self.extra_attrs = dict(extra_attrs or {})
-        _json_or_invalid(self.extra_attrs, "attrs")
+        json_or_invalid(self.extra_attrs, "attrs")
         self._refuse_existing()
         self.final_dir.parent.mkdir(parents=True, exist_ok=True)
         self.tmp_dir = self.final_dir.parent / f".{self.final_dir.name}.tmp-{secrets.token_hex(6)}"
@@ -108,12 +117,12 @@ class VersionWriter:
             raise InvalidArgument(f"duplicate document id {doc_id!r}", field="id")
         vectors16 = self._check_vectors(doc_id, vectors)
         if spans is None:
-            spans32 = _no_spans(vectors16.shape[0])
-            _check_text(doc_id, text, required=False)
+            spans32 = no_spans(vectors16.shape[0])
+            check_text(doc_id, text, required=False)
         else:
-            spans32 = _check_spans(doc_id, spans, vectors16.shape[0], text)
-        meta = _metadata_json(doc_id, metadata)
-        _check_utf8(doc_id, text)
+            spans32 = check_spans(doc_id, spans, vectors16.shape[0], text)
+        meta = metadata_json(doc_id, metadata)
+        check_utf8(doc_id, text)
         self._ids.add(doc_id)
         self._has_spans |= spans is not None
         self._append([doc_id], vectors16, np.array([vectors16.shape[0]]), spans32, [text], [meta])
@@ -145,11 +154,11 @@ class VersionWriter:
             raise InvalidArgument(f"duplicate document id {duplicate!r}", field="doc_ids")
         vectors16 = self._check_vectors(None, vectors, lengths=lengths, doc_ids=doc_ids)
         for doc_id, text in zip(doc_ids, texts):
-            _check_text(doc_id, text, required=False)
-            _check_utf8(doc_id, text)
-        metas = [_metadata_json(doc_id, meta) for doc_id, meta in zip(doc_ids, metadata)]
+            check_text(doc_id, text, required=False)
+            check_utf8(doc_id, text)
+        metas = [metadata_json(doc_id, meta) for doc_id, meta in zip(doc_ids, metadata)]
         self._ids.update(doc_ids)
-        self._append(list(doc_ids), vectors16, lengths, _no_spans(vectors16.shape[0]), texts, metas)
+        self._append(list(doc_ids), vectors16, lengths, no_spans(vectors16.shape[0]), texts, metas)
 
     def _append(
         self, doc_ids: list[str], vectors16: np.ndarray, lengths: np.ndarray, spans32: np.ndarray, texts: list[str], metas: list[str]
@@ -158,9 +167,9 @@ class VersionWriter:
         self._n_tokens += vectors16.shape[0]
         self._tokens.append(vectors16)
         self._spans.append(spans32)
-        self._doc_ids.append(_strings(doc_ids))
-        self._texts.append(_strings(texts))
-        self._metadata.append(_strings(metas))
+        self._doc_ids.append(strings(doc_ids))
+        self._texts.append(strings(texts))
+        self._metadata.append(strings(metas))
 
     def _check_vectors(
         self, doc_id: str | None, vectors: np.ndarray, *, lengths: np.ndarray | None = None, doc_ids: Sequence[str] = ()
@@ -376,67 +385,3 @@ def _inverted_lists(codes: np.ndarray, offsets: np.ndarray, n_centroids: int) ->
     ivf_offsets = np.zeros(n_centroids + 1, dtype=np.int64)
     np.cumsum(np.bincount(pairs // n_docs, minlength=n_centroids), out=ivf_offsets[1:])
     return ivf_offsets, (pairs % n_docs).astype(np.int32)
-
-
-def first_duplicate(doc_ids: Sequence[str], existing: Set[str] = frozenset()) -> str | None:
-    """The first id that is in existing or repeats an earlier one."""
-    seen: set[str] = set()
-    for doc_id in doc_ids:
-        if doc_id in existing or doc_id in seen:
-            return doc_id
-        seen.add(doc_id)
-    return None
-
-
-def _no_spans(n: int) -> np.ndarray:
-    return np.full((n, 2), -1, dtype=np.int32)
-
-
-def _check_text(doc_id: str, text: object, *, required: bool) -> None:
-    if not isinstance(text, str) or (required and not text):
-        raise InvalidArgument(f"document {doc_id!r} has no text", field="text")
-
-
-def _check_utf8(doc_id: str, text: str) -> None:
-    try:
-        doc_id.encode("utf-8")
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise InvalidArgument(f"document {doc_id!r}: text or id is not valid UTF-8 ({exc.reason})", field="text") from exc
-
-
-def _metadata_json(doc_id: str, metadata: Mapping[str, Any] | None) -> str:
-    if metadata is not None and not isinstance(metadata, Mapping):
-        raise InvalidArgument(f"document {doc_id!r}: metadata must be a JSON object", field="metadata")
-    return _json_or_invalid(dict(metadata or {}), "metadata", doc_id)
-
-
-def _check_spans(doc_id: str, spans: np.ndarray, n: int, text: str) -> np.ndarray:
-    _check_text(doc_id, text, required=True)
-    spans = np.asarray(spans)
-    if spans.shape != (n, 2) or not np.issubdtype(spans.dtype, np.integer):
-        raise InvalidArgument(
-            f"document {doc_id!r}: spans must be integers of shape ({n}, 2), got {spans.dtype} {spans.shape}", field="spans"
-        )
-    start, end = spans[:, 0], spans[:, 1]
-    absent = (start == -1) & (end == -1)
-    valid = absent | ((start >= 0) & (start <= end) & (end <= len(text)))
-    if not valid.all():
-        bad = int(np.flatnonzero(~valid)[0])
-        raise InvalidArgument(
-            f"document {doc_id!r}: token {bad} has span {spans[bad].tolist()} outside its text of {len(text)} characters",
-            field="spans",
-        )
-    return spans.astype(np.int32)
-
-
-def _json_or_invalid(value: Mapping[str, Any], field: str, doc_id: str | None = None) -> str:
-    try:
-        return json.dumps(value, ensure_ascii=False, sort_keys=True, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        where = f"document {doc_id!r}: " if doc_id is not None else ""
-        raise InvalidArgument(f"{where}{field} must be a JSON object ({exc})", field=field) from exc
-
-
-def _strings(values: list[str]) -> np.ndarray:
-    return np.array(values, dtype=np.dtypes.StringDType())
