@@ -52,29 +52,33 @@ LAYOUTS = ("decoded", "codes")  # decoded at load into float16 / codes resident,
 # --- embeddings ------------------------------------------------------------------------------
 
 
-def prepare_source(args: argparse.Namespace, work: Path) -> tuple[Path, dict[str, Any]]:
+def prepare_source(args: argparse.Namespace, work: Path) -> tuple[Path, dict[str, Any], Path]:
     """A directory of vector files (tokens.npy, doc_offsets.npy, doc_ids.txt, queries.npy,
-    query_offsets.npy, source.json) holding the benchmark's documents and queries."""
+    query_offsets.npy, source.json) holding the benchmark's documents and queries, and the
+    work directory its versions are cached in."""
     if args.source not in ("auto", "synthetic"):
         source = Path(args.source)
         for name in ("queries.npy", "query_offsets.npy"):
             if not (source / name).is_file():
                 sys.exit(f"{source} has no {name}: the benchmark needs query vectors beside the documents")
-        info = {"kind": "files", "path": str(source), "normalized": bool(args.normalized)}
-        return source, info
+        files = load_vector_files(source)
+        info = {"kind": "files", "path": str(source.resolve()), "normalized": bool(args.normalized),
+                "documents": len(files.doc_ids), "tokens": int(files.tokens.shape[0]), "dim": int(files.tokens.shape[1]),
+                "queries": int(np.load(source / "query_offsets.npy").shape[0] - 1)}  # fmt: skip
+        return source, info, work / "codecs" / f"files-{digest([str(source.resolve())])}"
     cached = None if args.source == "synthetic" else largest_cached_version(work / "versions")
     if cached is None:
         key = digest(["synthetic", str(args.docs), str(args.queries), str(args.seed), str(args.dim)])
         target = work / "codecs" / f"synthetic-{key}" / "vectors"
         if not (target / "source.json").is_file():
             write_synthetic(target, args)
-        return target, json.loads((target / "source.json").read_text())
+        return target, json.loads((target / "source.json").read_text()), target.parent
     version_dir, manifest = cached
     key = digest([manifest, str(args.docs), str(args.queries), str(args.seed)])
     target = work / "codecs" / f"{version_dir.name}-{key}" / "vectors"
     if not (target / "source.json").is_file():
         write_from_cached_version(target, version_dir, args, work)
-    return target, json.loads((target / "source.json").read_text())
+    return target, json.loads((target / "source.json").read_text()), target.parent
 
 
 def largest_cached_version(root: Path) -> tuple[Path, str] | None:
@@ -269,10 +273,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = args.work_dir.resolve()
     report: dict[str, Any] = {"machine": machine(), "code": code_version(), "config": {k: str(v) for k, v in vars(args).items()}}
-    source, info = prepare_source(args, work)
+    source, info, cache = prepare_source(args, work)
     report["source"] = {k: v for k, v in info.items() if k != "query_texts"}
     queries = read_queries(source)
-    versions = source.parent / "versions"
+    versions = cache / "versions"
     codecs = ["fp16", *[c for c in args.codecs if c != "fp16"]]  # fp16 is the reference twin
     built = {c: ensure_built(source, versions, c, bool(info["normalized"]), args) for c in codecs}
 
@@ -324,7 +328,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", default="auto", help="auto | synthetic | a directory of vector files with queries.npy")
     p.add_argument("--docs", type=int, default=5000, help="documents (first N of the cached version, or synthetic)")
-    p.add_argument("--queries", type=int, default=100)
+    p.add_argument("--queries", type=int, default=100, help="held-out queries (a --source directory brings its own)")
     p.add_argument("--codecs", type=lambda s: [c for c in s.split(",") if c], default=list(CODECS))
     p.add_argument("--dim", type=int, default=128, help="synthetic corpus only")
     p.add_argument("--normalized", action="store_true", help="with a --source directory: its vectors are unit length")
