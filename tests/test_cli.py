@@ -117,3 +117,20 @@ def test_encoder_export_handles_a_colqwen2_checkpoint(tmp_path):
 def test_multimodal_export_without_a_checkpoint_is_a_clear_error(tmp_path):
     proc = colgrid("encoder", "export", "--kind", "colpali", "--out", str(tmp_path / "x"), check=False)
     assert proc.returncode == 1 and "needs a local checkpoint" in proc.stderr
+
+
+def test_index_build_with_a_codec_records_it_and_serves(tmp_path, shared_data_dir, encoder_dir, stdlib_documents):
+    from colgrid_server.index import open_version
+
+    link_encoders(tmp_path, shared_data_dir)
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"id": d.id, "text": d.text}) + "\n" for d in stdlib_documents[:30]))
+    colgrid("index", "build", "small", "--input", str(docs), "--codec", "int8", "--data-dir", str(tmp_path))
+
+    show = colgrid("registry", "show", "small", "v1", "--data-dir", str(tmp_path)).stdout
+    assert '"codec": "int8"' in show
+    version = open_version(DataDir(tmp_path).version_dir("small", "v1"))
+    try:
+        assert version.codec == "int8" and version.documents == 30
+    finally:
+        version.close()

@@ -137,7 +137,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         outcome = build_index(DataDir(settings.data_dir), registry, args.name, read_jsonl(args.input),
                               encoder_dir=Path(args.encoder) if args.encoder else None,
                               activate=not args.no_activate, batch_size=args.batch_size,
-                              build_params={"input": str(args.input)})
+                              build_params={"input": str(args.input), "codec": args.codec})
     s = outcome.summary
     print(f"{outcome.index}/{outcome.version} READY: {s.documents} documents, {s.tokens} tokens, "
           f"{s.centroids} centroids, built in {time.perf_counter() - started:.1f}s"
@@ -287,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder", help="encoder dir (default: bundled all-MiniLM-L6-v2)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--no-activate", action="store_true", help="leave the new version READY but not serving")
+    p.add_argument("--codec", choices=["fp16", "int8", "residual4", "residual2"], default="fp16",
+                   help="token storage: fp16 (exact), int8 (1/2 bytes), residual4/residual2 (1/4, 1/8; lossy)")
     data_opts(p)
     p.set_defaults(fn=cmd_index_build)
     p = idx.add_parser("verify", help="verify checksums of versions", description="Verify versions' manifests.")
