@@ -31,6 +31,25 @@ class Settings:
     replica_id: str = ""              # empty: host:port+pid (how this server reports to the registry)
     grace_seconds: float = 5.0
     log_level: str = "INFO"
+    log_format: str = "text"          # text | json (one JSON object per line, with request ids)
+    # Security: TLS from files; API keys (hashed, with roles) from a JSON file. Empty: off.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""           # set: mutual TLS, clients must present a cert signed by it
+    api_keys_file: str = ""
+    # Observability: Prometheus metrics over HTTP on this port (0: off).
+    metrics_port: int = 0
+    metrics_host: str = "localhost"
+    # Backpressure: requests waiting for a worker beyond this are RESOURCE_EXHAUSTED.
+    max_queued_requests: int = 256
+    # Ingestion limits (per ingest stream / build input).
+    max_ingest_documents: int = 100_000
+    max_image_pixels: int = 50_000_000
+    max_pdf_pages: int = 2_000
+    pdf_dpi: int = 144
+    # Object storage: versions under this URL (e.g. s3://bucket/prefix) instead of data_dir.
+    storage_url: str = ""
+    storage_cache_dir: str = ""       # empty: <data_dir>/cache
 
     @property
     def registry_location(self) -> str:
@@ -62,6 +81,15 @@ class Settings:
             raise InvalidArgument(f"port {self.port} is out of range 0..65535", field="port")
         if self.device not in ("auto", "cpu", "cuda"):
             raise InvalidArgument(f"device must be auto, cpu or cuda, not {self.device!r}", field="device")
+        if self.log_format not in ("text", "json"):
+            raise InvalidArgument(f"log_format must be text or json, not {self.log_format!r}", field="log_format")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise InvalidArgument("tls_cert and tls_key must be set together", field="tls_cert")
+        if self.tls_client_ca and not self.tls_cert:
+            raise InvalidArgument("tls_client_ca (mutual TLS) needs tls_cert and tls_key", field="tls_client_ca")
+        for name in ("max_queued_requests", "max_ingest_documents", "max_image_pixels", "max_pdf_pages", "pdf_dpi"):
+            if getattr(self, name) < 1:
+                raise InvalidArgument(f"{name} must be at least 1", field=name)
         if self.worker_threads < 1:
             raise InvalidArgument("worker_threads must be at least 1", field="worker_threads")
 

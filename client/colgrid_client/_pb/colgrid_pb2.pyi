@@ -63,7 +63,7 @@ class SearchRequest(_message.Message):
     def __init__(self, index: _Optional[str] = ..., query: _Optional[str] = ..., k: _Optional[int] = ..., nprobe: _Optional[int] = ..., n_candidates: _Optional[int] = ..., explain: _Optional[bool] = ..., request_id: _Optional[str] = ..., routing_key: _Optional[str] = ..., query_vectors: _Optional[_Union[MultiVector, _Mapping]] = ..., exhaustive: _Optional[bool] = ...) -> None: ...
 
 class TokenMatch(_message.Message):
-    __slots__ = ("query_index", "query_token", "doc_token_index", "doc_token", "start", "end", "similarity", "share")
+    __slots__ = ("query_index", "query_token", "doc_token_index", "doc_token", "start", "end", "similarity", "share", "patch", "pooled")
     QUERY_INDEX_FIELD_NUMBER: _ClassVar[int]
     QUERY_TOKEN_FIELD_NUMBER: _ClassVar[int]
     DOC_TOKEN_INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +72,8 @@ class TokenMatch(_message.Message):
     END_FIELD_NUMBER: _ClassVar[int]
     SIMILARITY_FIELD_NUMBER: _ClassVar[int]
     SHARE_FIELD_NUMBER: _ClassVar[int]
+    PATCH_FIELD_NUMBER: _ClassVar[int]
+    POOLED_FIELD_NUMBER: _ClassVar[int]
     query_index: int
     query_token: str
     doc_token_index: int
@@ -80,21 +82,41 @@ class TokenMatch(_message.Message):
     end: int
     similarity: float
     share: float
-    def __init__(self, query_index: _Optional[int] = ..., query_token: _Optional[str] = ..., doc_token_index: _Optional[int] = ..., doc_token: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., similarity: _Optional[float] = ..., share: _Optional[float] = ...) -> None: ...
+    patch: PatchRef
+    pooled: _containers.RepeatedCompositeFieldContainer[PatchRef]
+    def __init__(self, query_index: _Optional[int] = ..., query_token: _Optional[str] = ..., doc_token_index: _Optional[int] = ..., doc_token: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., similarity: _Optional[float] = ..., share: _Optional[float] = ..., patch: _Optional[_Union[PatchRef, _Mapping]] = ..., pooled: _Optional[_Iterable[_Union[PatchRef, _Mapping]]] = ...) -> None: ...
+
+class PatchRef(_message.Message):
+    __slots__ = ("row", "col", "x0", "y0", "x1", "y1")
+    ROW_FIELD_NUMBER: _ClassVar[int]
+    COL_FIELD_NUMBER: _ClassVar[int]
+    X0_FIELD_NUMBER: _ClassVar[int]
+    Y0_FIELD_NUMBER: _ClassVar[int]
+    X1_FIELD_NUMBER: _ClassVar[int]
+    Y1_FIELD_NUMBER: _ClassVar[int]
+    row: int
+    col: int
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+    def __init__(self, row: _Optional[int] = ..., col: _Optional[int] = ..., x0: _Optional[int] = ..., y0: _Optional[int] = ..., x1: _Optional[int] = ..., y1: _Optional[int] = ...) -> None: ...
 
 class Hit(_message.Message):
-    __slots__ = ("doc_id", "score", "metadata", "explanation", "rank")
+    __slots__ = ("doc_id", "score", "metadata", "explanation", "rank", "kind")
     DOC_ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     EXPLANATION_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
     doc_id: str
     score: float
     metadata: _struct_pb2.Struct
     explanation: _containers.RepeatedCompositeFieldContainer[TokenMatch]
     rank: int
-    def __init__(self, doc_id: _Optional[str] = ..., score: _Optional[float] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., explanation: _Optional[_Iterable[_Union[TokenMatch, _Mapping]]] = ..., rank: _Optional[int] = ...) -> None: ...
+    kind: str
+    def __init__(self, doc_id: _Optional[str] = ..., score: _Optional[float] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., explanation: _Optional[_Iterable[_Union[TokenMatch, _Mapping]]] = ..., rank: _Optional[int] = ..., kind: _Optional[str] = ...) -> None: ...
 
 class SearchStats(_message.Message):
     __slots__ = ("encode_ms", "candidates_ms", "maxsim_ms", "total_ms", "candidates", "query_tokens")
@@ -132,6 +154,134 @@ class SearchResponse(_message.Message):
     role: str
     def __init__(self, request_id: _Optional[str] = ..., index: _Optional[str] = ..., version: _Optional[str] = ..., hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., stats: _Optional[_Union[SearchStats, _Mapping]] = ..., encoder_id: _Optional[str] = ..., generation: _Optional[int] = ..., role: _Optional[str] = ...) -> None: ...
 
+class ExplainRequest(_message.Message):
+    __slots__ = ("index", "doc_id", "query", "version", "query_token", "render", "routing_key", "query_vectors", "alpha")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    DOC_ID_FIELD_NUMBER: _ClassVar[int]
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    QUERY_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    RENDER_FIELD_NUMBER: _ClassVar[int]
+    ROUTING_KEY_FIELD_NUMBER: _ClassVar[int]
+    QUERY_VECTORS_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    index: str
+    doc_id: str
+    query: str
+    version: str
+    query_token: int
+    render: bool
+    routing_key: str
+    query_vectors: MultiVector
+    alpha: float
+    def __init__(self, index: _Optional[str] = ..., doc_id: _Optional[str] = ..., query: _Optional[str] = ..., version: _Optional[str] = ..., query_token: _Optional[int] = ..., render: _Optional[bool] = ..., routing_key: _Optional[str] = ..., query_vectors: _Optional[_Union[MultiVector, _Mapping]] = ..., alpha: _Optional[float] = ...) -> None: ...
+
+class ExplainResponse(_message.Message):
+    __slots__ = ("index", "version", "doc_id", "score", "matches", "kind", "grid_rows", "grid_cols", "patch_scores", "width", "height", "heatmap_png", "encoder_id")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DOC_ID_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    MATCHES_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    GRID_ROWS_FIELD_NUMBER: _ClassVar[int]
+    GRID_COLS_FIELD_NUMBER: _ClassVar[int]
+    PATCH_SCORES_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    HEATMAP_PNG_FIELD_NUMBER: _ClassVar[int]
+    ENCODER_ID_FIELD_NUMBER: _ClassVar[int]
+    index: str
+    version: str
+    doc_id: str
+    score: float
+    matches: _containers.RepeatedCompositeFieldContainer[TokenMatch]
+    kind: str
+    grid_rows: int
+    grid_cols: int
+    patch_scores: _containers.RepeatedScalarFieldContainer[float]
+    width: int
+    height: int
+    heatmap_png: bytes
+    encoder_id: str
+    def __init__(self, index: _Optional[str] = ..., version: _Optional[str] = ..., doc_id: _Optional[str] = ..., score: _Optional[float] = ..., matches: _Optional[_Iterable[_Union[TokenMatch, _Mapping]]] = ..., kind: _Optional[str] = ..., grid_rows: _Optional[int] = ..., grid_cols: _Optional[int] = ..., patch_scores: _Optional[_Iterable[float]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., heatmap_png: _Optional[bytes] = ..., encoder_id: _Optional[str] = ...) -> None: ...
+
+class IngestOptions(_message.Message):
+    __slots__ = ("index", "encoder_id", "codec", "activate", "pool_factor", "external_vectors", "pdf_dpi", "n_centroids", "actor")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    ENCODER_ID_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATE_FIELD_NUMBER: _ClassVar[int]
+    POOL_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    EXTERNAL_VECTORS_FIELD_NUMBER: _ClassVar[int]
+    PDF_DPI_FIELD_NUMBER: _ClassVar[int]
+    N_CENTROIDS_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    index: str
+    encoder_id: str
+    codec: str
+    activate: bool
+    pool_factor: int
+    external_vectors: bool
+    pdf_dpi: int
+    n_centroids: int
+    actor: str
+    def __init__(self, index: _Optional[str] = ..., encoder_id: _Optional[str] = ..., codec: _Optional[str] = ..., activate: _Optional[bool] = ..., pool_factor: _Optional[int] = ..., external_vectors: _Optional[bool] = ..., pdf_dpi: _Optional[int] = ..., n_centroids: _Optional[int] = ..., actor: _Optional[str] = ...) -> None: ...
+
+class IngestDocument(_message.Message):
+    __slots__ = ("id", "text", "image", "pdf", "vectors", "metadata", "filename")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    PDF_FIELD_NUMBER: _ClassVar[int]
+    VECTORS_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    FILENAME_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    text: str
+    image: bytes
+    pdf: bytes
+    vectors: MultiVector
+    metadata: _struct_pb2.Struct
+    filename: str
+    def __init__(self, id: _Optional[str] = ..., text: _Optional[str] = ..., image: _Optional[bytes] = ..., pdf: _Optional[bytes] = ..., vectors: _Optional[_Union[MultiVector, _Mapping]] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., filename: _Optional[str] = ...) -> None: ...
+
+class IngestRequest(_message.Message):
+    __slots__ = ("options", "document")
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENT_FIELD_NUMBER: _ClassVar[int]
+    options: IngestOptions
+    document: IngestDocument
+    def __init__(self, options: _Optional[_Union[IngestOptions, _Mapping]] = ..., document: _Optional[_Union[IngestDocument, _Mapping]] = ...) -> None: ...
+
+class IngestError(_message.Message):
+    __slots__ = ("document", "code", "message")
+    DOCUMENT_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    document: str
+    code: str
+    message: str
+    def __init__(self, document: _Optional[str] = ..., code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class IngestProgress(_message.Message):
+    __slots__ = ("stage", "received", "encoded", "failed", "errors", "elapsed_s", "version")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    ENCODED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    ELAPSED_S_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    stage: str
+    received: int
+    encoded: int
+    failed: int
+    errors: _containers.RepeatedCompositeFieldContainer[IngestError]
+    elapsed_s: float
+    version: Version
+    def __init__(self, stage: _Optional[str] = ..., received: _Optional[int] = ..., encoded: _Optional[int] = ..., failed: _Optional[int] = ..., errors: _Optional[_Iterable[_Union[IngestError, _Mapping]]] = ..., elapsed_s: _Optional[float] = ..., version: _Optional[_Union[Version, _Mapping]] = ...) -> None: ...
+
 class EncodeQueryRequest(_message.Message):
     __slots__ = ("index", "encoder_id", "text")
     INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -163,7 +313,7 @@ class EncodeResponse(_message.Message):
     def __init__(self, encoder_id: _Optional[str] = ..., version: _Optional[str] = ..., vectors: _Optional[_Iterable[_Union[MultiVector, _Mapping]]] = ...) -> None: ...
 
 class Version(_message.Message):
-    __slots__ = ("index", "version", "state", "encoder_id", "encoder_kind", "dim", "documents", "tokens", "storage_uri", "build_params", "manifest_sha256", "created_at", "updated_at", "error")
+    __slots__ = ("index", "version", "state", "encoder_id", "encoder_kind", "dim", "documents", "tokens", "storage_uri", "build_params", "manifest_sha256", "created_at", "updated_at", "error", "evaluations")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -178,6 +328,7 @@ class Version(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    EVALUATIONS_FIELD_NUMBER: _ClassVar[int]
     index: str
     version: str
     state: VersionState
@@ -192,7 +343,43 @@ class Version(_message.Message):
     created_at: str
     updated_at: str
     error: str
-    def __init__(self, index: _Optional[str] = ..., version: _Optional[str] = ..., state: _Optional[_Union[VersionState, str]] = ..., encoder_id: _Optional[str] = ..., encoder_kind: _Optional[str] = ..., dim: _Optional[int] = ..., documents: _Optional[int] = ..., tokens: _Optional[int] = ..., storage_uri: _Optional[str] = ..., build_params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., manifest_sha256: _Optional[str] = ..., created_at: _Optional[str] = ..., updated_at: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+    evaluations: _containers.RepeatedCompositeFieldContainer[VersionEvaluation]
+    def __init__(self, index: _Optional[str] = ..., version: _Optional[str] = ..., state: _Optional[_Union[VersionState, str]] = ..., encoder_id: _Optional[str] = ..., encoder_kind: _Optional[str] = ..., dim: _Optional[int] = ..., documents: _Optional[int] = ..., tokens: _Optional[int] = ..., storage_uri: _Optional[str] = ..., build_params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., manifest_sha256: _Optional[str] = ..., created_at: _Optional[str] = ..., updated_at: _Optional[str] = ..., error: _Optional[str] = ..., evaluations: _Optional[_Iterable[_Union[VersionEvaluation, _Mapping]]] = ...) -> None: ...
+
+class VersionEvaluation(_message.Message):
+    __slots__ = ("version", "query_set", "queries", "ndcg_at_10", "recall_at_k", "k", "mrr_at_10", "latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "evaluated_at", "metrics")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    QUERY_SET_FIELD_NUMBER: _ClassVar[int]
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
+    NDCG_AT_10_FIELD_NUMBER: _ClassVar[int]
+    RECALL_AT_K_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    MRR_AT_10_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_P50_MS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_P95_MS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_P99_MS_FIELD_NUMBER: _ClassVar[int]
+    EVALUATED_AT_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    query_set: str
+    queries: int
+    ndcg_at_10: float
+    recall_at_k: float
+    k: int
+    mrr_at_10: float
+    latency_p50_ms: float
+    latency_p95_ms: float
+    latency_p99_ms: float
+    evaluated_at: str
+    metrics: _containers.ScalarMap[str, float]
+    def __init__(self, version: _Optional[str] = ..., query_set: _Optional[str] = ..., queries: _Optional[int] = ..., ndcg_at_10: _Optional[float] = ..., recall_at_k: _Optional[float] = ..., k: _Optional[int] = ..., mrr_at_10: _Optional[float] = ..., latency_p50_ms: _Optional[float] = ..., latency_p95_ms: _Optional[float] = ..., latency_p99_ms: _Optional[float] = ..., evaluated_at: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class Rollout(_message.Message):
     __slots__ = ("index", "stable", "canary", "canary_percent", "shadow", "shadow_percent", "previous_stable", "generation", "updated_at")
@@ -338,19 +525,31 @@ class ClearShadowRequest(_message.Message):
     wait_for_replicas_s: float
     def __init__(self, index: _Optional[str] = ..., expected_generation: _Optional[int] = ..., actor: _Optional[str] = ..., reason: _Optional[str] = ..., wait_for_replicas_s: _Optional[float] = ...) -> None: ...
 
+class PromotePolicy(_message.Message):
+    __slots__ = ("max_ndcg_drop", "min_shadow_overlap", "min_shadow_compared")
+    MAX_NDCG_DROP_FIELD_NUMBER: _ClassVar[int]
+    MIN_SHADOW_OVERLAP_FIELD_NUMBER: _ClassVar[int]
+    MIN_SHADOW_COMPARED_FIELD_NUMBER: _ClassVar[int]
+    max_ndcg_drop: float
+    min_shadow_overlap: float
+    min_shadow_compared: int
+    def __init__(self, max_ndcg_drop: _Optional[float] = ..., min_shadow_overlap: _Optional[float] = ..., min_shadow_compared: _Optional[int] = ...) -> None: ...
+
 class PromoteRequest(_message.Message):
-    __slots__ = ("index", "expected_generation", "actor", "reason", "wait_for_replicas_s")
+    __slots__ = ("index", "policy", "expected_generation", "actor", "reason", "wait_for_replicas_s")
     INDEX_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_GENERATION_FIELD_NUMBER: _ClassVar[int]
     ACTOR_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     WAIT_FOR_REPLICAS_S_FIELD_NUMBER: _ClassVar[int]
     index: str
+    policy: PromotePolicy
     expected_generation: int
     actor: str
     reason: str
     wait_for_replicas_s: float
-    def __init__(self, index: _Optional[str] = ..., expected_generation: _Optional[int] = ..., actor: _Optional[str] = ..., reason: _Optional[str] = ..., wait_for_replicas_s: _Optional[float] = ...) -> None: ...
+    def __init__(self, index: _Optional[str] = ..., policy: _Optional[_Union[PromotePolicy, _Mapping]] = ..., expected_generation: _Optional[int] = ..., actor: _Optional[str] = ..., reason: _Optional[str] = ..., wait_for_replicas_s: _Optional[float] = ...) -> None: ...
 
 class RollbackRequest(_message.Message):
     __slots__ = ("index", "expected_generation", "actor", "reason", "wait_for_replicas_s")
@@ -521,3 +720,51 @@ class RolloutHistoryResponse(_message.Message):
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     entries: _containers.RepeatedCompositeFieldContainer[AuditEntry]
     def __init__(self, entries: _Optional[_Iterable[_Union[AuditEntry, _Mapping]]] = ...) -> None: ...
+
+class Judgement(_message.Message):
+    __slots__ = ("doc_id", "relevance")
+    DOC_ID_FIELD_NUMBER: _ClassVar[int]
+    RELEVANCE_FIELD_NUMBER: _ClassVar[int]
+    doc_id: str
+    relevance: float
+    def __init__(self, doc_id: _Optional[str] = ..., relevance: _Optional[float] = ...) -> None: ...
+
+class EvalQuery(_message.Message):
+    __slots__ = ("query_id", "text", "judgements", "query_vectors")
+    QUERY_ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    JUDGEMENTS_FIELD_NUMBER: _ClassVar[int]
+    QUERY_VECTORS_FIELD_NUMBER: _ClassVar[int]
+    query_id: str
+    text: str
+    judgements: _containers.RepeatedCompositeFieldContainer[Judgement]
+    query_vectors: MultiVector
+    def __init__(self, query_id: _Optional[str] = ..., text: _Optional[str] = ..., judgements: _Optional[_Iterable[_Union[Judgement, _Mapping]]] = ..., query_vectors: _Optional[_Union[MultiVector, _Mapping]] = ...) -> None: ...
+
+class EvaluateRequest(_message.Message):
+    __slots__ = ("index", "versions", "queries", "k", "query_set", "record", "nprobe", "n_candidates")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    QUERY_SET_FIELD_NUMBER: _ClassVar[int]
+    RECORD_FIELD_NUMBER: _ClassVar[int]
+    NPROBE_FIELD_NUMBER: _ClassVar[int]
+    N_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    index: str
+    versions: _containers.RepeatedScalarFieldContainer[str]
+    queries: _containers.RepeatedCompositeFieldContainer[EvalQuery]
+    k: int
+    query_set: str
+    record: bool
+    nprobe: int
+    n_candidates: int
+    def __init__(self, index: _Optional[str] = ..., versions: _Optional[_Iterable[str]] = ..., queries: _Optional[_Iterable[_Union[EvalQuery, _Mapping]]] = ..., k: _Optional[int] = ..., query_set: _Optional[str] = ..., record: _Optional[bool] = ..., nprobe: _Optional[int] = ..., n_candidates: _Optional[int] = ...) -> None: ...
+
+class EvaluateResponse(_message.Message):
+    __slots__ = ("index", "results")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    index: str
+    results: _containers.RepeatedCompositeFieldContainer[VersionEvaluation]
+    def __init__(self, index: _Optional[str] = ..., results: _Optional[_Iterable[_Union[VersionEvaluation, _Mapping]]] = ...) -> None: ...

@@ -45,6 +45,11 @@ class SearchServiceStub:
                 request_serializer=colgrid_dot_v1_dot_colgrid__pb2.SearchRequest.SerializeToString,
                 response_deserializer=colgrid_dot_v1_dot_colgrid__pb2.SearchResponse.FromString,
                 _registered_method=True)
+        self.Explain = channel.unary_unary(
+                '/colgrid.v1.SearchService/Explain',
+                request_serializer=colgrid_dot_v1_dot_colgrid__pb2.ExplainRequest.SerializeToString,
+                response_deserializer=colgrid_dot_v1_dot_colgrid__pb2.ExplainResponse.FromString,
+                _registered_method=True)
 
 
 class SearchServiceServicer:
@@ -64,6 +69,12 @@ class SearchServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Explain(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SearchServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -76,6 +87,11 @@ def add_SearchServiceServicer_to_server(servicer, server):
                     servicer.SearchStream,
                     request_deserializer=colgrid_dot_v1_dot_colgrid__pb2.SearchRequest.FromString,
                     response_serializer=colgrid_dot_v1_dot_colgrid__pb2.SearchResponse.SerializeToString,
+            ),
+            'Explain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Explain,
+                    request_deserializer=colgrid_dot_v1_dot_colgrid__pb2.ExplainRequest.FromString,
+                    response_serializer=colgrid_dot_v1_dot_colgrid__pb2.ExplainResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,6 +148,107 @@ class SearchService:
             '/colgrid.v1.SearchService/SearchStream',
             colgrid_dot_v1_dot_colgrid__pb2.SearchRequest.SerializeToString,
             colgrid_dot_v1_dot_colgrid__pb2.SearchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Explain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/colgrid.v1.SearchService/Explain',
+            colgrid_dot_v1_dot_colgrid__pb2.ExplainRequest.SerializeToString,
+            colgrid_dot_v1_dot_colgrid__pb2.ExplainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class IngestServiceStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Ingest = channel.stream_stream(
+                '/colgrid.v1.IngestService/Ingest',
+                request_serializer=colgrid_dot_v1_dot_colgrid__pb2.IngestRequest.SerializeToString,
+                response_deserializer=colgrid_dot_v1_dot_colgrid__pb2.IngestProgress.FromString,
+                _registered_method=True)
+
+
+class IngestServiceServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Ingest(self, request_iterator, context):
+        """Client streams options, then documents; the server streams progress, ending with the
+        READY version. Nothing is visible in the registry as READY until every file is written.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_IngestServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Ingest': grpc.stream_stream_rpc_method_handler(
+                    servicer.Ingest,
+                    request_deserializer=colgrid_dot_v1_dot_colgrid__pb2.IngestRequest.FromString,
+                    response_serializer=colgrid_dot_v1_dot_colgrid__pb2.IngestProgress.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'colgrid.v1.IngestService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('colgrid.v1.IngestService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class IngestService:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Ingest(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/colgrid.v1.IngestService/Ingest',
+            colgrid_dot_v1_dot_colgrid__pb2.IngestRequest.SerializeToString,
+            colgrid_dot_v1_dot_colgrid__pb2.IngestProgress.FromString,
             options,
             channel_credentials,
             insecure,
@@ -907,6 +1024,78 @@ class RolloutService:
             '/colgrid.v1.RolloutService/RolloutHistory',
             colgrid_dot_v1_dot_colgrid__pb2.RolloutHistoryRequest.SerializeToString,
             colgrid_dot_v1_dot_colgrid__pb2.RolloutHistoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class EvaluationServiceStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Evaluate = channel.unary_unary(
+                '/colgrid.v1.EvaluationService/Evaluate',
+                request_serializer=colgrid_dot_v1_dot_colgrid__pb2.EvaluateRequest.SerializeToString,
+                response_deserializer=colgrid_dot_v1_dot_colgrid__pb2.EvaluateResponse.FromString,
+                _registered_method=True)
+
+
+class EvaluationServiceServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Evaluate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_EvaluationServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Evaluate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Evaluate,
+                    request_deserializer=colgrid_dot_v1_dot_colgrid__pb2.EvaluateRequest.FromString,
+                    response_serializer=colgrid_dot_v1_dot_colgrid__pb2.EvaluateResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'colgrid.v1.EvaluationService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('colgrid.v1.EvaluationService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class EvaluationService:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Evaluate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/colgrid.v1.EvaluationService/Evaluate',
+            colgrid_dot_v1_dot_colgrid__pb2.EvaluateRequest.SerializeToString,
+            colgrid_dot_v1_dot_colgrid__pb2.EvaluateResponse.FromString,
             options,
             channel_credentials,
             insecure,
