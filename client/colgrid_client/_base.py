@@ -48,11 +48,14 @@ class Stubs:
     encode: pb_grpc.EncodeServiceStub
     registry: pb_grpc.RegistryServiceStub
     rollout: pb_grpc.RolloutServiceStub
+    ingest: pb_grpc.IngestServiceStub
+    evaluation: pb_grpc.EvaluationServiceStub
 
     @classmethod
     def on(cls, channel: grpc.Channel | grpc.aio.Channel) -> Stubs:
         return cls(pb_grpc.SearchServiceStub(channel), pb_grpc.EncodeServiceStub(channel),
-                   pb_grpc.RegistryServiceStub(channel), pb_grpc.RolloutServiceStub(channel))
+                   pb_grpc.RegistryServiceStub(channel), pb_grpc.RolloutServiceStub(channel),
+                   pb_grpc.IngestServiceStub(channel), pb_grpc.EvaluationServiceStub(channel))
 
 
 @dataclass(frozen=True)
