@@ -138,3 +138,25 @@ def client(live_server: LiveServer):
 
     with Client(live_server.target, timeout=60, retries=0) as c:
         yield c
+
+
+# ------------------------------------------------------------------------------- multimodal
+
+@pytest.fixture(scope="session")
+def colqwen2_encoder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random ColQwen2, built offline and exported to ONNX once per session."""
+    from colgrid_server.encoders import export_colqwen2
+    from colgrid_server.encoders.tiny_models import build_tiny_colqwen2
+
+    root = tmp_path_factory.mktemp("tiny-colqwen2")
+    checkpoint = build_tiny_colqwen2(root / "ckpt", seed=0)
+    return export_colqwen2(checkpoint, root / "encoder", progress=False).directory
+
+
+@pytest.fixture(scope="session")
+def mixed_sources_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real inputs generated here: a 3-page PDF (text, a table, a line chart), a PNG chart,
+    a JPEG photo-like image and two text files."""
+    from tests.documents_gen import write_mixed_sources
+
+    return write_mixed_sources(tmp_path_factory.mktemp("sources"))

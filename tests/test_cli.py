@@ -70,14 +70,28 @@ def test_index_build_registers_a_ready_stable_version(tmp_path, shared_data_dir,
     assert "mini/v1: ok" in colgrid("index", "verify", "mini", "--data-dir", str(tmp_path)).stdout
 
 
-def test_a_bad_jsonl_line_fails_the_build_naming_the_line(tmp_path, shared_data_dir, encoder_dir):
+def test_a_bad_jsonl_line_is_skipped_and_named_while_the_rest_is_indexed(tmp_path, shared_data_dir, encoder_dir):
     link_encoders(tmp_path, shared_data_dir)
     docs = tmp_path / "bad.jsonl"
     docs.write_text('{"id": "a", "text": "fine"}\n{"id": "b", "text": "also fine"}\nnot json\n')
-    proc = colgrid("index", "build", "broken", "--input", str(docs), "--data-dir", str(tmp_path), check=False)
+    proc = colgrid("index", "build", "partly", "--input", str(docs), "--data-dir", str(tmp_path))
+
+    assert "bad.jsonl#L3" in proc.stderr and "JSON" in proc.stderr
+    assert "2 documents" in proc.stdout and "1 inputs skipped" in proc.stdout
+    with open_registry(DataDir(tmp_path).registry_file) as registry:
+        (version,) = registry.list_versions("partly")
+        assert version.state == VersionState.READY and version.documents == 2
+
+
+def test_strict_build_fails_on_a_bad_jsonl_line_naming_it(tmp_path, shared_data_dir, encoder_dir):
+    link_encoders(tmp_path, shared_data_dir)
+    docs = tmp_path / "bad.jsonl"
+    docs.write_text('{"id": "a", "text": "fine"}\n{"id": "b", "text": "also fine"}\nnot json\n')
+    proc = colgrid("index", "build", "broken", "--input", str(docs), "--strict", "--data-dir", str(tmp_path),
+                   check=False)
 
     assert proc.returncode == 1
-    assert ":3:" in proc.stderr and "JSON" in proc.stderr
+    assert "bad.jsonl#L3" in proc.stderr and "JSON" in proc.stderr
     with open_registry(DataDir(tmp_path).registry_file) as registry:
         (version,) = registry.list_versions("broken")
         assert version.state == VersionState.FAILED

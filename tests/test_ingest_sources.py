@@ -34,74 +34,8 @@ from colgrid_server.ingest import (ErrorCode, SourceError, SourceItem, iter_sour
 LOW_DPI = 72  # 1 pt = 1 px: small pages, quick tests
 
 
-# --------------------------------------------------------------------------- file makers
-
-def write_report_pdf(path: Path) -> Path:
-    """Three pages: text (letter portrait), a table (letter portrait), a line chart (landscape)."""
-    with PdfPages(path) as pdf:
-        fig = plt.figure(figsize=(8.5, 11))
-        fig.text(0.1, 0.9, "Quarterly report", fontsize=24)
-        fig.text(0.1, 0.8, "Revenue rose in the third quarter; margins held.", fontsize=12)
-        pdf.savefig(fig)
-        plt.close(fig)
-        fig, ax = plt.subplots(figsize=(8.5, 11))
-        ax.axis("off")
-        ax.set_title("Quarterly Profit Margins")
-        ax.table(cellText=[["Q1", "10.2%"], ["Q2", "11.8%"], ["Q3", "12.5%"]], colLabels=["Quarter", "Margin"],
-                 loc="center")
-        pdf.savefig(fig)
-        plt.close(fig)
-        fig, ax = plt.subplots(figsize=(11, 8.5))
-        ax.plot(range(1, 13), [3, 4, 4, 5, 7, 6, 8, 9, 8, 10, 11, 12])
-        ax.set_title("Revenue by month")
-        pdf.savefig(fig)
-        plt.close(fig)
-    return path
-
-
-def write_pillow_pdf(path: Path) -> Path:
-    """Two scanned-looking pages at 100 dpi: 400x500 px (288x360 pt) and 300x200 px (216x144 pt)."""
-    first = Image.new("RGB", (400, 500), "white")
-    first.paste((20, 20, 20), (40, 40, 360, 60))
-    second = Image.new("RGB", (300, 200), (230, 230, 255))
-    first.save(path, "PDF", resolution=100.0, save_all=True, append_images=[second])
-    return path
-
-
-def write_encrypted_pdf(source: Path, path: Path) -> Path:
-    writer = PdfWriter(clone_from=source)
-    writer.encrypt(user_password="secret", owner_password="owner", algorithm="RC4-128")  # pure Python
-    writer.write(path)
-    return path
-
-
-def write_zero_page_pdf(path: Path) -> Path:
-    PdfWriter().write(path)  # a well-formed document whose page tree is empty
-    return path
-
-
-def write_pdf_with_pages(path: Path, sizes_pt: list[tuple[float, float]]) -> Path:
-    writer = PdfWriter()
-    for width, height in sizes_pt:
-        writer.add_blank_page(width=width, height=height)
-    writer.write(path)
-    return path
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    out = io.BytesIO()
-    image.save(out, "PNG")
-    return out.getvalue()
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG signature, an IHDR claiming width x height RGB, an IDAT of a few bytes and IEND:
-    a file of ~70 bytes that would decode to width * height * 3 bytes."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) \
-        + chunk(b"IEND", b"")
+from tests.documents_gen import (png_bytes, png_header_only, write_encrypted_pdf, write_pdf_with_pages,  # noqa: E402
+                                  write_pillow_pdf, write_report_pdf, write_zero_page_pdf)
 
 
 def split(results: list) -> tuple[list[SourceItem], list[SourceError]]:

@@ -7,15 +7,16 @@ never a READY version without its files; the version directory appears only once
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from colgrid_registry import Registry
 from colgrid_server.documents import Document
-from colgrid_server.encoders import encoder_id, ensure_default_encoder, load_encoder
+from colgrid_server.encoders import encoder_id, ensure_default_encoder, load_any_encoder
 from colgrid_server.index import VersionSummary, build_version
+from colgrid_server.ingest import SourceError, SourceItem
 from colgrid_server.paths import DataDir
 
 
@@ -25,6 +26,7 @@ class BuildOutcome:
     version: str
     summary: VersionSummary
     activated: bool
+    errors: tuple[SourceError, ...] = field(default=())  # inputs refused (source builds only)
 
 
 def import_encoder(data: DataDir, path: Path) -> Path:
@@ -43,21 +45,62 @@ def import_encoder(data: DataDir, path: Path) -> Path:
     return target
 
 
+def resolve_encoder_dir(data: DataDir, encoder_dir: Path | None, *, progress: bool = False) -> Path:
+    """The encoder directory inside the data dir: the one given (imported), else the bundled one."""
+    return import_encoder(data, encoder_dir) if encoder_dir else ensure_default_encoder(data.root, progress=progress)
+
+
 def build_index(data: DataDir, registry: Registry, name: str, documents: Iterable[Document], *,
                 encoder_dir: Path | None = None, activate: bool = True, batch_size: int = 64,
                 build_params: Mapping[str, Any] | None = None, progress: bool = True,
                 actor: str = "cli", reason: str = "") -> BuildOutcome:
     registry.ensure_index(name)  # validates the name before any work
-    encoder_path = (import_encoder(data, encoder_dir) if encoder_dir
-                    else ensure_default_encoder(data.root, progress=progress))
-    encoder = load_encoder(encoder_path)
+    encoder = load_any_encoder(resolve_encoder_dir(data, encoder_dir, progress=progress))
     params = {"batch_size": batch_size, **(build_params or {})}
+
+    def write(final_dir: Path) -> tuple[VersionSummary, tuple[SourceError, ...]]:
+        return build_version(documents, encoder, final_dir, batch_size=batch_size, build_params=params,
+                             progress=progress), ()
+
+    return _registered_build(data, registry, name, encoder, params, write, activate=activate, actor=actor,
+                             reason=reason)
+
+
+def build_index_from_sources(data: DataDir, registry: Registry, name: str,
+                             sources: Iterable[SourceItem | SourceError], *, encoder_dir: Path | None = None,
+                             encoder: Any = None, activate: bool = True, pool_factor: int = 1,
+                             build_params: Mapping[str, Any] | None = None, progress: bool = True,
+                             on_error: Callable[[SourceError], None] | None = None,
+                             on_progress: Callable[[int, int], None] | None = None,
+                             actor: str = "cli", reason: str = "") -> BuildOutcome:
+    """Build from a mixed stream of text and page images (`ingest.iter_sources`, or the Ingest
+    RPC); refused inputs are skipped and reported (on_error, and in BuildOutcome.errors)."""
+    from colgrid_server.ingest.build import build_version_from_sources  # torch: only when building
+
+    registry.ensure_index(name)
+    if encoder is None:
+        encoder = load_any_encoder(resolve_encoder_dir(data, encoder_dir, progress=progress))
+    params = dict(build_params or {})
+
+    def write(final_dir: Path) -> tuple[VersionSummary, tuple[SourceError, ...]]:
+        report = build_version_from_sources(sources, encoder, final_dir, build_params=params,
+                                            pool_factor=pool_factor, on_error=on_error, on_progress=on_progress,
+                                            progress=progress)
+        return report.summary, report.errors
+
+    return _registered_build(data, registry, name, encoder, {**params, "pool_factor": pool_factor}, write,
+                             activate=activate, actor=actor, reason=reason)
+
+
+def _registered_build(data: DataDir, registry: Registry, name: str, encoder: Any, params: Mapping[str, Any],
+                      write: Callable[[Path], tuple[VersionSummary, tuple[SourceError, ...]]], *,
+                      activate: bool, actor: str, reason: str) -> BuildOutcome:
+    """Registry BUILDING -> files -> READY -> (stable); FAILED with the reason if writing fails."""
     record = registry.allocate_version(name, encoder_id=encoder.id, encoder_kind=encoder.kind,
-                                       dim=encoder.dim, storage_uri="", build_params=params)
+                                       dim=encoder.dim, storage_uri="", build_params=dict(params))
     final_dir = data.version_dir(name, record.version).resolve()
     try:
-        summary = build_version(documents, encoder, final_dir, batch_size=batch_size,
-                                build_params=params, progress=progress)
+        summary, errors = write(final_dir)
     except BaseException as exc:
         registry.mark_failed(name, record.version, f"{type(exc).__name__}: {exc}")
         raise
@@ -68,4 +111,4 @@ def build_index(data: DataDir, registry: Registry, name: str, documents: Iterabl
         registry.set_stable(name, record.version, actor=actor,
                             reason=reason or f"built {summary.documents} documents")
         activated = True
-    return BuildOutcome(index=name, version=record.version, summary=summary, activated=activated)
+    return BuildOutcome(index=name, version=record.version, summary=summary, activated=activated, errors=errors)

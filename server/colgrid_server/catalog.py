@@ -5,7 +5,7 @@ import logging
 import threading
 from pathlib import Path
 
-from colgrid_server.encoders import encoder_id, load_encoder
+from colgrid_server.encoders import encoder_id, load_any_encoder
 from colgrid_server.errors import NotFound
 
 log = logging.getLogger(__name__)
@@ -50,13 +50,12 @@ class EncoderCatalog:
             return self._paths[ident]
 
     def get(self, ident: str):
-        """The loaded TextEncoder for `ident` (loaded once, then shared)."""
+        """The loaded encoder for `ident`, text or multimodal by its kind (loaded once, then shared)."""
         with self._lock:
             cached = self._loaded.get(ident)
         if cached is not None:
             return cached
         path = self.path_for(ident)
-        kwargs = {"threads": self._threads} if self._threads else {}
-        encoder = load_encoder(path, **kwargs)
+        encoder = load_any_encoder(path, threads=self._threads)
         with self._lock:
             return self._loaded.setdefault(ident, encoder)

@@ -127,20 +127,36 @@ def cmd_encoder_info(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------- index verbs
 
 def cmd_index_build(args: argparse.Namespace) -> int:
-    from colgrid_server.builder import build_index
-    from colgrid_server.documents import read_jsonl
+    from colgrid_server.builder import build_index_from_sources
+    from colgrid_server.errors import InvalidArgument
+    from colgrid_server.ingest import SourceError, iter_sources
     from colgrid_server.paths import DataDir
 
     settings = _settings(args)
     started = time.perf_counter()
+    refused: list[SourceError] = []
+
+    def on_error(error: SourceError) -> None:
+        if args.strict:
+            raise InvalidArgument(f"{error.id}: {error.reason} [{error.code}] (--strict: nothing was built)",
+                                  field="input")
+        refused.append(error)
+        print(f"skipped {error.id}: {error.reason} [{error.code}]", file=sys.stderr)
+
+    sources = iter_sources(args.input, pdf_dpi=args.pdf_dpi or settings.pdf_dpi,
+                           max_image_pixels=settings.max_image_pixels, max_pdf_pages=settings.max_pdf_pages)
+    params = {"input": [str(p) for p in args.input], "codec": args.codec}
+    if args.n_centroids:
+        params["n_centroids"] = args.n_centroids
     with _registry(settings) as registry:
-        outcome = build_index(DataDir(settings.data_dir), registry, args.name, read_jsonl(args.input),
-                              encoder_dir=Path(args.encoder) if args.encoder else None,
-                              activate=not args.no_activate, batch_size=args.batch_size,
-                              build_params={"input": str(args.input), "codec": args.codec})
+        outcome = build_index_from_sources(DataDir(settings.data_dir), registry, args.name, sources,
+                                           encoder_dir=Path(args.encoder) if args.encoder else None,
+                                           activate=not args.no_activate, pool_factor=args.pool_factor,
+                                           build_params=params, progress=sys.stderr.isatty(), on_error=on_error)
     s = outcome.summary
     print(f"{outcome.index}/{outcome.version} READY: {s.documents} documents, {s.tokens} tokens, "
           f"{s.centroids} centroids, built in {time.perf_counter() - started:.1f}s"
+          + (f", {len(refused)} inputs skipped" if refused else "")
           + (" — now serving (stable)" if outcome.activated else " — not activated"))
     return 0
 
@@ -280,15 +296,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     idx = verbs.add_parser("index", help="build and verify index versions").add_subparsers(
         dest="index_verb", required=True, metavar="VERB")
-    p = idx.add_parser("build", help="build a new version of an index from JSONL",
-                       description="Build a new immutable version of NAME from JSONL (id, text, metadata).")
+    p = idx.add_parser("build", help="build a new version of an index from files and folders",
+                       description="Build a new immutable version of NAME from files and folders: JSONL "
+                                   "({id, text, metadata?} per line), .txt/.md, images (PNG, JPEG, TIFF, WebP) "
+                                   "and PDFs (one document per page). Images need a multimodal encoder.")
     p.add_argument("name")
-    p.add_argument("--input", required=True, help="JSONL file: one {id, text, metadata?} per line")
+    p.add_argument("--input", required=True, nargs="+", type=Path, metavar="PATH",
+                   help="files or folders (walked recursively); JSONL, text, images, PDFs")
     p.add_argument("--encoder", help="encoder dir (default: bundled all-MiniLM-L6-v2)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help=argparse.SUPPRESS)  # kept for old scripts
     p.add_argument("--no-activate", action="store_true", help="leave the new version READY but not serving")
     p.add_argument("--codec", choices=["fp16", "int8", "residual4", "residual2"], default="fp16",
                    help="token storage: fp16 (exact), int8 (1/2 bytes), residual4/residual2 (1/4, 1/8; lossy)")
+    p.add_argument("--pool-factor", type=int, default=1,
+                   help="image documents: pool patch vectors hierarchically by this factor (2-3 keeps ~98%% quality)")
+    p.add_argument("--pdf-dpi", type=int, default=0, help="PDF rendering resolution (default: settings.pdf_dpi, 144)")
+    p.add_argument("--n-centroids", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--strict", action="store_true", help="fail (build nothing) on the first input that is refused")
     data_opts(p)
     p.set_defaults(fn=cmd_index_build)
     p = idx.add_parser("verify", help="verify checksums of versions", description="Verify versions' manifests.")

@@ -10,6 +10,7 @@ from colgrid_server.encoders.bundled import DEFAULT_ENCODER_NAME, bundled_checkp
 from colgrid_server.encoders.export_multimodal import (MultimodalExportReport, export_colpali, export_colqwen2,
                                                        export_multimodal)
 from colgrid_server.encoders.export_text import ExportReport, export_text_encoder
+from colgrid_server.encoders.loading import encodes_images, load_any_encoder
 from colgrid_server.encoders.onnx_multimodal import MultimodalEncoder, load_multimodal_encoder
 from colgrid_server.encoders.onnx_text import TextEncoder, load_encoder
 from colgrid_server.encoders.spec import (EncoderSpec, ImageParity, ImageSpec, ParityFigures, encoder_id, load_spec,
@@ -30,6 +31,8 @@ __all__ = [
     "TextEncoder",
     "bundled_checkpoint",
     "encoder_id",
+    "encodes_images",
+    "load_any_encoder",
     "ensure_default_encoder",
     "export_colpali",
     "export_colqwen2",

@@ -31,6 +31,12 @@ TOKEN_CODES = "token_codes"  # [N_tok] uint16 (int32 past 65,536 centroids), nea
 IVF_OFFSETS = "ivf_offsets"  # [C + 1] int64, CSR over ivf_docs
 IVF_DOCS = "ivf_docs"  # [n_postings] int32, unique document indices per centroid, ascending
 CENTROID_HNSW = "centroid_hnsw"  # [n_bytes] uint8, hnswlib graph over centroids (inner product)
+# Image documents (pages), only in versions that have one (attrs "patches": true):
+TOKEN_PATCH_COUNTS = "token_patch_counts"  # [N_tok] uint16, patches each token stands for (0: a text token)
+PATCH_CELLS = "patch_cells"  # [n_cells, 2] int32, (row, col) in the page's patch grid, in token order
+PATCH_BOXES = "patch_boxes"  # [n_cells, 4] int32, pixel box (x0, y0, x1, y1) on the page image
+PATCH_ARRAYS = (TOKEN_PATCH_COUNTS, PATCH_CELLS, PATCH_BOXES)
+PAGES_DIR = "pages"  # page images of image documents, named by document index
 
 # Arrays every version has; the codec adds its own (CODEC_ARRAYS).
 ARRAY_NAMES = (

@@ -52,7 +52,7 @@ def open_version(path: Path, *, verify: bool = True, device: str | None = None, 
         attrs = dict(group.attrs)
         encoder = _encoder(root, attrs)
         codec = _codec(root, attrs)
-        names = F.ARRAY_NAMES + F.CODEC_ARRAYS[codec["name"]]
+        names = F.ARRAY_NAMES + F.CODEC_ARRAYS[codec["name"]] + (F.PATCH_ARRAYS if attrs.get("patches") else ())
         arrays = {name: _array(root, group, name) for name in names}
     except CorruptVersion:
         raise
@@ -87,6 +87,11 @@ class LoadedVersion:
         self.ivf_docs: np.ndarray = fields["ivf_docs"]  # int32, unique docs per centroid
         self.graph: hnswlib.Index = fields["graph"]
         self._metadata_json: list[str] = fields["metadata_json"]
+        # Image documents: token t stands for patches patch_offsets[t]:patch_offsets[t + 1] of
+        # patch_cells / patch_boxes (none for text tokens). None: a text-only version.
+        self.patch_offsets: np.ndarray | None = fields.get("patch_offsets")
+        self.patch_cells: np.ndarray | None = fields.get("patch_cells")
+        self.patch_boxes: np.ndarray | None = fields.get("patch_boxes")
         self._closed = False
 
     @property
@@ -129,6 +134,32 @@ class LoadedVersion:
         texts = sum(len(t) for t in self.texts) if not self._closed else 0
         return self.store.nbytes + sum(a.nbytes for a in arrays) + spans + texts
 
+    @property
+    def has_images(self) -> bool:
+        return self.patch_offsets is not None
+
+    def is_image(self, doc_index: int) -> bool:
+        """Whether the document is an image (page): its tokens stand for patches."""
+        if self.patch_offsets is None:
+            return False
+        first = int(self.doc_offsets[doc_index])
+        return bool(self.patch_offsets[first + 1] > self.patch_offsets[first])
+
+    def token_patches(self, token: int) -> tuple[np.ndarray, np.ndarray]:
+        """(cells (k, 2), boxes (k, 4)) of the patches global token `token` stands for, nearest
+        first; empty for a text token."""
+        if self.patch_offsets is None or self.patch_cells is None or self.patch_boxes is None:
+            return np.empty((0, 2), np.int32), np.empty((0, 4), np.int32)
+        lo, hi = int(self.patch_offsets[token]), int(self.patch_offsets[token + 1])
+        return self.patch_cells[lo:hi], self.patch_boxes[lo:hi]
+
+    def page_image_path(self, doc_index: int) -> Path | None:
+        """The stored page image of an image document (None when it was not kept)."""
+        name = self.metadata(doc_index).get("page_image")
+        if not isinstance(name, str) or not name.startswith(F.PAGES_DIR + "/") or ".." in name:
+            return None
+        return self.path / name
+
     def metadata(self, doc_index: int) -> dict[str, Any]:
         """The document's metadata object (parsed on demand: only hits need it)."""
         self.require_open()
@@ -145,6 +176,7 @@ class LoadedVersion:
         self.store.close()
         self.doc_ids, self.texts, self._metadata_json = [], [], []
         self.spans = self.centroids = self.token_codes = self.ivf_docs = empty
+        self.patch_offsets = self.patch_cells = self.patch_boxes = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -206,6 +238,7 @@ class _Loader:
             self.fail(f"centroid_hnsw is not a readable hnswlib graph ({exc})")
         if graph.get_current_count() != n_cent:
             self.fail(f"centroid_hnsw holds {graph.get_current_count()} centroids, expected {n_cent}")
+        patches = self._patches(n_tok) if attrs.get("patches") else {}
         if attrs.get("token_spans", True):
             spans = self.read(F.TOKEN_SPANS)
         else:  # no spans were stored (vectors computed elsewhere): a view that holds no memory
@@ -229,7 +262,21 @@ class _Loader:
             ivf_offsets=ivf_offsets,
             ivf_docs=ivf_docs,
             graph=graph,
+            **patches,
         )
+
+    def _patches(self, n_tok: int) -> dict[str, np.ndarray]:
+        self.expect(F.TOKEN_PATCH_COUNTS, (n_tok,), np.uint16)
+        counts = self.read(F.TOKEN_PATCH_COUNTS)
+        offsets = np.zeros(n_tok + 1, dtype=np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        n_cells = int(offsets[-1])
+        self.expect(F.PATCH_CELLS, (n_cells, 2), np.int32)
+        self.expect(F.PATCH_BOXES, (n_cells, 4), np.int32)
+        cells, boxes = self.read(F.PATCH_CELLS), self.read(F.PATCH_BOXES)
+        if n_cells and (cells.min() < 0 or np.any(boxes[:, 2] <= boxes[:, 0]) or np.any(boxes[:, 3] <= boxes[:, 1])):
+            self.fail("patch_cells / patch_boxes hold a negative cell or an empty box")
+        return {"patch_offsets": offsets, "patch_cells": cells, "patch_boxes": boxes}
 
     def read(self, name: str, selection: Any = Ellipsis) -> np.ndarray:
         try:

@@ -83,6 +83,9 @@ class VersionWriter:
         self._n_tokens = 0
         self._norm_range = (math.inf, 0.0)
         self._has_spans = False
+        self._patch_counts: list[np.ndarray] = []  # per document; zeros for text documents
+        self._patch_cells: Appender | None = None  # created with the first image document
+        self._patch_boxes: Appender | None = None
         self.tmp_dir.mkdir()
         try:
             self._group = zarr.open_group(str(self.tmp_dir), mode="w-", zarr_format=3)
@@ -127,6 +130,62 @@ class VersionWriter:
         self._has_spans |= spans is not None
         self._append([doc_id], vectors16, np.array([vectors16.shape[0]]), spans32, [text], [meta])
 
+    def add_image(
+        self,
+        doc_id: str,
+        vectors: np.ndarray,
+        *,
+        cells: np.ndarray,
+        boxes: np.ndarray,
+        members: Sequence[np.ndarray] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        page_image: bytes | None = None,
+        page_suffix: str = ".png",
+    ) -> None:
+        """Append one image document (a page): vectors (m, dim); cells (n, 2) and boxes (n, 4)
+        of its n patches; members[i] the patch indices vector i stands for (None: one patch
+        per vector, m == n). page_image: the encoded page, kept in the version for explanations."""
+        self._require_open()
+        if not isinstance(doc_id, str) or not doc_id:
+            raise InvalidArgument("document id must be a non-empty string", field="id")
+        if doc_id in self._ids:
+            raise InvalidArgument(f"duplicate document id {doc_id!r}", field="id")
+        vectors16 = self._check_vectors(doc_id, vectors)
+        cells32, boxes32 = np.asarray(cells, dtype=np.int32), np.asarray(boxes, dtype=np.int32)
+        n_patches = cells32.shape[0] if cells32.ndim == 2 else -1
+        if cells32.shape != (n_patches, 2) or boxes32.shape != (n_patches, 4) or n_patches < 1:
+            raise InvalidArgument(f"document {doc_id!r}: cells must be (n, 2) and boxes (n, 4) for its n patches",
+                                  field="patches")
+        if members is None:
+            members = [np.array([i]) for i in range(vectors16.shape[0])]
+        if len(members) != vectors16.shape[0]:
+            raise InvalidArgument(f"document {doc_id!r}: {len(members)} member lists for {vectors16.shape[0]} vectors",
+                                  field="patches")
+        order = np.concatenate([np.asarray(m, dtype=np.int64) for m in members])
+        if order.size != n_patches or np.any(np.sort(order) != np.arange(n_patches)):
+            raise InvalidArgument(f"document {doc_id!r}: every patch must belong to exactly one vector", field="patches")
+        meta = dict(metadata or {})
+        meta["kind"] = "image"
+        if page_image is not None:
+            if page_suffix not in (".png", ".jpg", ".webp"):
+                raise InvalidArgument(f"page images are stored as .png, .jpg or .webp, not {page_suffix!r}",
+                                      field="page_image")
+            pages = self.tmp_dir / F.PAGES_DIR
+            pages.mkdir(exist_ok=True)
+            name = f"{F.PAGES_DIR}/{len(self._lengths):08d}{page_suffix}"
+            (self.tmp_dir / name).write_bytes(page_image)
+            meta["page_image"] = name
+        meta_json = metadata_json(doc_id, meta)
+        if self._patch_cells is None:
+            self._patch_cells = Appender(self._array(F.PATCH_CELLS, (0, 2), "int32", (pow2_rows(CHUNK_BYTES // 8), 2)))
+            self._patch_boxes = Appender(self._array(F.PATCH_BOXES, (0, 4), "int32", (pow2_rows(CHUNK_BYTES // 16), 4)))
+        self._ids.add(doc_id)
+        self._patch_cells.append(cells32[order])
+        self._patch_boxes.append(boxes32[order])  # type: ignore[union-attr]  # created with cells
+        counts = np.array([len(m) for m in members], dtype=np.uint16)
+        self._append([doc_id], vectors16, np.array([vectors16.shape[0]]), no_spans(vectors16.shape[0]), [""],
+                     [meta_json], patch_counts=counts)
+
     def add_block(
         self,
         doc_ids: Sequence[str],
@@ -161,8 +220,10 @@ class VersionWriter:
         self._append(list(doc_ids), vectors16, lengths, no_spans(vectors16.shape[0]), texts, metas)
 
     def _append(
-        self, doc_ids: list[str], vectors16: np.ndarray, lengths: np.ndarray, spans32: np.ndarray, texts: list[str], metas: list[str]
-    ) -> None:
+        self, doc_ids: list[str], vectors16: np.ndarray, lengths: np.ndarray, spans32: np.ndarray, texts: list[str],
+        metas: list[str], *, patch_counts: np.ndarray | None = None,
+    ) -> None:  # fmt: skip
+        self._patch_counts.append(np.zeros(vectors16.shape[0], np.uint16) if patch_counts is None else patch_counts)
         self._lengths.extend(int(n) for n in lengths)
         self._n_tokens += vectors16.shape[0]
         self._tokens.append(vectors16)
@@ -227,8 +288,14 @@ class VersionWriter:
             raise
 
     def _finalize(self, progress: bool) -> VersionSummary:
-        for appender in (self._tokens, self._spans, self._doc_ids, self._texts, self._metadata):
-            appender.flush()
+        for appender in (self._tokens, self._spans, self._doc_ids, self._texts, self._metadata,
+                         self._patch_cells, self._patch_boxes):
+            if appender is not None:
+                appender.flush()
+        has_patches = self._patch_cells is not None
+        if has_patches:
+            counts = np.concatenate(self._patch_counts)
+            self._write(F.TOKEN_PATCH_COUNTS, counts, chunk=pow2_rows(CHUNK_BYTES // 2))
         n_docs, n_tokens = len(self._lengths), self._n_tokens
         if n_docs == 0:
             raise InvalidArgument("an index version needs at least one document", field="documents")
@@ -264,6 +331,7 @@ class VersionWriter:
                 "normalized": unit if self.normalized is None else self.normalized,
                 "token_norms": {"min": low, "max": high},
                 "token_spans": self._has_spans,
+                "patches": has_patches,
             }
         )
         fsync_tree(self.tmp_dir)

@@ -26,6 +26,9 @@ added only where absent):
     page_image              saved page image, relative to `page_image_dir` (when given)
     line                    line number (JSONL documents)
 
+Building a version from sources lives in `colgrid_server.ingest.build` (it needs torch; this
+package does not).
+
 Refusals are `SourceError`s with a stable `code` (`ErrorCode`) and a reason a user can act on;
 image sizes are checked from the file header and PDF page sizes from the page box, before any
 pixel is decoded or rendered. The iterator holds at most the page being produced: a page image

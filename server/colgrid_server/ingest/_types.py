@@ -29,6 +29,7 @@ class ErrorCode(StrEnum):
     PDF_EMPTY = "pdf_empty"                    # a valid PDF with zero pages
     PDF_TOO_MANY_PAGES = "pdf_too_many_pages"  # over max_pdf_pages: refused whole, no page yielded
     PDF_PAGE_FAILED = "pdf_page_failed"        # PDFium could not load or render one page
+    UNSUPPORTED_BY_ENCODER = "unsupported_by_encoder"  # an image for a text-only encoder
 
 
 _EXHAUSTED = {ErrorCode.IMAGE_TOO_LARGE, ErrorCode.PDF_TOO_MANY_PAGES}

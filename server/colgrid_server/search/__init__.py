@@ -19,7 +19,7 @@ from colgrid_server.search._params import (
     MAX_NPROBE,
     SearchParams,
 )
-from colgrid_server.search._results import Hit, SearchResult, SearchStats, TokenMatch
+from colgrid_server.search._results import Hit, PatchRef, SearchResult, SearchStats, TokenMatch
 from colgrid_server.search._searcher import Searcher
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "MAX_N_CANDIDATES",
     "Explanation",
     "Hit",
+    "PatchRef",
     "SearchParams",
     "SearchResult",
     "SearchStats",

@@ -7,6 +7,16 @@ from typing import Any
 
 
 @dataclass(frozen=True)
+class PatchRef:
+    """One patch of an image document: its (row, col) in the patch grid and its pixel box
+    (x0, y0, x1, y1, end-exclusive) on the page image."""
+
+    row: int
+    col: int
+    box: tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
 class TokenMatch:
     """How one query token was matched inside one hit: its best document token (the document
     text[start:end]; empty with start = end = -1 for a token with no span), their similarity
@@ -20,6 +30,10 @@ class TokenMatch:
     end: int
     similarity: float
     share: float
+    # Image documents: the patch the matched vector stands for (the nearest one of a pooled
+    # vector's patches) and the pooled vector's other patches.
+    patch: PatchRef | None = None
+    pooled: tuple[PatchRef, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -29,6 +43,7 @@ class Hit:
     rank: int  # 1-based
     metadata: Mapping[str, Any] = field(default_factory=dict)
     explanation: tuple[TokenMatch, ...] = ()
+    kind: str = "text"  # "text" or "image"
 
 
 @dataclass(frozen=True)

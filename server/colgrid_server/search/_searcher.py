@@ -13,7 +13,7 @@ from colgrid_server.index import LoadedVersion
 from colgrid_server.search._candidates import CandidateGenerator
 from colgrid_server.search._maxsim import DEFAULT_BLOCK_TOKENS, bf16_error_bound, maxsim_explain, maxsim_scores
 from colgrid_server.search._params import SearchParams
-from colgrid_server.search._results import Hit, SearchResult, SearchStats, TokenMatch
+from colgrid_server.search._results import Hit, PatchRef, SearchResult, SearchStats, TokenMatch
 
 # Below this many candidate tokens one exact float32 pass is as cheap as a bf16 pass plus the
 # exact re-score it needs.
@@ -74,6 +74,7 @@ class Searcher:
                 rank=rank,
                 metadata=self.version.metadata(doc),
                 explanation=explanation,
+                kind="image" if self.version.is_image(doc) else "text",
             )
             for rank, (doc, score, explanation) in enumerate(zip(top.tolist(), scores.tolist(), explanations), start=1)
         )
@@ -119,6 +120,7 @@ class Searcher:
                 index = int(token_index[row, q])
                 start, end = (int(x) for x in v.spans[base + index])
                 sim = float(similarity[row, q])
+                patches = patch_refs(v, base + index)
                 matches.append(
                     TokenMatch(
                         query_index=q,
@@ -129,6 +131,8 @@ class Searcher:
                         end=end,
                         similarity=sim,
                         share=sim / score if score else 0.0,
+                        patch=patches[0] if patches else None,
+                        pooled=patches[1:],
                     )
                 )
             out.append(tuple(matches))
@@ -150,6 +154,13 @@ class Searcher:
                 f"{len(query_tokens)} query tokens for {query.shape[0]} query vectors", field="query_tokens"
             )
         return np.ascontiguousarray(query, dtype=np.float32)
+
+
+def patch_refs(version: LoadedVersion, token: int) -> tuple[PatchRef, ...]:
+    """The patches global token `token` stands for (empty for a text token)."""
+    cells, boxes = version.token_patches(token)
+    return tuple(PatchRef(row=int(c[0]), col=int(c[1]), box=(int(b[0]), int(b[1]), int(b[2]), int(b[3])))
+                 for c, b in zip(cells, boxes))
 
 
 @contextmanager
