@@ -18,8 +18,9 @@ from colgrid_client._errors import (
     ResourceExhaustedError, ResourceInfo, UnauthenticatedError, UnavailableError,
 )
 from colgrid_client._sync import Client
+from colgrid_client._types import EvalQuery, PromotePolicy, VersionEvaluation
 from colgrid_client._types import (
-    Hit, IndexInfo, Matrix, Rollout, SearchResult, SearchStats, TokenMatch, Version, VersionState,
+    Hit, IndexInfo, Matrix, PatchRef, Rollout, SearchResult, SearchStats, TokenMatch, Version, VersionState,
 )
 
 __version__ = "0.1.0"
@@ -32,6 +33,7 @@ __all__ = [
     # values
     "SearchResult",
     "Hit",
+    "PatchRef",
     "TokenMatch",
     "SearchStats",
     "Matrix",
@@ -39,6 +41,9 @@ __all__ = [
     "Rollout",
     "Version",
     "VersionState",
+    "EvalQuery",
+    "VersionEvaluation",
+    "PromotePolicy",
     # errors
     "ColgridError",
     "InvalidArgumentError",

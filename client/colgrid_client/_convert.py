@@ -17,8 +17,9 @@ from colgrid_client._errors import FieldViolation, InternalError, InvalidArgumen
 from colgrid_client._pb import colgrid_pb2 as pb
 from colgrid_client._types import (
     AuditEntry, Hit, IndexInfo, LoadError, Matrix, ReplicaAck, Rollout, RolloutStatus, SearchResult,
-    SearchStats, ServingVersion, ShadowStats, TokenMatch, Version, VersionState,
+    PatchRef, SearchStats, ServingVersion, ShadowStats, TokenMatch, Version, VersionState,
 )
+from colgrid_client._types import EvalQuery, PromotePolicy, VersionEvaluation
 
 _LITTLE_ENDIAN = sys.byteorder == "little"
 _UINT32_MAX = 2**32 - 1
@@ -241,8 +242,88 @@ def clear_shadow_request(index: str, **change: Any) -> pb.ClearShadowRequest:
     return pb.ClearShadowRequest(index=_text("index", index), **_change_fields(**change))
 
 
-def promote_request(index: str, **change: Any) -> pb.PromoteRequest:
-    return pb.PromoteRequest(index=_text("index", index), **_change_fields(**change))
+def promote_request(index: str, *, policy: PromotePolicy | None = None, **change: Any) -> pb.PromoteRequest:
+    request = pb.PromoteRequest(index=_text("index", index), **_change_fields(**change))
+    if policy is not None:
+        request.policy.CopyFrom(promote_policy(policy))
+    return request
+
+
+def policy_of(policy: PromotePolicy | None, max_ndcg_drop: float | None = None,
+              min_shadow_overlap: float | None = None,
+              min_shadow_compared: int | None = None) -> PromotePolicy | None:
+    """`policy`, or one made of its rules given as keywords (never both)."""
+    rules = (max_ndcg_drop, min_shadow_overlap, min_shadow_compared)
+    if all(r is None for r in rules):
+        return policy
+    if policy is not None:
+        raise invalid("policy", "give a PromotePolicy or its rules as keywords, not both")
+    return PromotePolicy(*rules)
+
+
+def promote_policy(policy: PromotePolicy) -> pb.PromotePolicy:
+    if not isinstance(policy, PromotePolicy):
+        raise invalid("policy", f"policy must be a PromotePolicy, got {type(policy).__name__}")
+    message = pb.PromotePolicy()
+    for name in ("max_ndcg_drop", "min_shadow_overlap"):
+        value = getattr(policy, name)
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise invalid(f"policy.{name}", f"policy.{name} must be a finite number or None, got {value!r}")
+            setattr(message, name, float(value))
+    if policy.min_shadow_compared is not None:
+        value = policy.min_shadow_compared
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise invalid("policy.min_shadow_compared", f"policy.min_shadow_compared must be a non-negative "
+                                                        f"integer or None, got {value!r}")
+        message.min_shadow_compared = value
+    return message
+
+
+# --- evaluation ---------------------------------------------------------------------------------
+
+def evaluate_request(index: str, queries: Iterable[EvalQuery | Mapping[str, Any]], *,
+                     versions: Iterable[str] | None = None, k: int = 0, query_set: str = "",
+                     record: bool = False, nprobe: int | None = None,
+                     n_candidates: int | None = None) -> pb.EvaluateRequest:
+    """`queries`: EvalQuery values, or dicts shaped like a query-set JSONL line
+    ({"query_id", "query", "relevant": {doc_id: gain}}, "query_vectors" optional)."""
+    if isinstance(versions, str):
+        raise invalid("versions", "versions must be a list of version names, not one string")
+    if isinstance(queries, (str, bytes, Mapping)):
+        raise invalid("queries", "queries must be a list of EvalQuery values or dicts")
+    knobs = {name: _uint(name, value) for name, value in (("nprobe", nprobe), ("n_candidates", n_candidates))
+             if value}
+    return pb.EvaluateRequest(index=_text("index", index), versions=[_text("versions", v) for v in versions or ()],
+                              queries=[eval_query(q) for q in queries], k=_uint("k", k or 0),
+                              query_set=_text("query_set", query_set), record=bool(record), **knobs)
+
+
+def eval_query(value: EvalQuery | Mapping[str, Any]) -> pb.EvalQuery:
+    if isinstance(value, Mapping):
+        unknown = set(value) - {"query_id", "query", "relevant", "query_vectors"}
+        if unknown:
+            raise invalid("queries", f"unknown query keys {sorted(unknown)}; allowed: query_id, query, relevant, "
+                                     f"query_vectors")
+        value = EvalQuery(query_id=value.get("query_id", ""), query=value.get("query", ""),
+                          relevant=value.get("relevant") or {}, query_vectors=value.get("query_vectors"))
+    if not isinstance(value, EvalQuery):
+        raise invalid("queries", f"each query must be an EvalQuery or a dict, got {type(value).__name__}")
+    relevant = value.relevant
+    if isinstance(relevant, (list, tuple, set, frozenset)):
+        relevant = {doc: 1.0 for doc in relevant}
+    if not isinstance(relevant, Mapping):
+        raise invalid("queries.relevant", f"relevant must map doc id to gain, got {type(relevant).__name__}")
+    judgements = []
+    for doc, gain in relevant.items():
+        if isinstance(gain, bool) or not isinstance(gain, (int, float)):
+            raise invalid("queries.relevant", f"the gain of {doc!r} must be a number, got {gain!r}")
+        judgements.append(pb.Judgement(doc_id=_text("queries.relevant", doc), relevance=float(gain)))
+    message = pb.EvalQuery(query_id=_text("queries.query_id", value.query_id),
+                           text=_text("queries.query", value.query), judgements=judgements)
+    if value.query_vectors is not None:
+        message.query_vectors.CopyFrom(to_multi_vector(value.query_vectors))
+    return message
 
 
 def rollback_request(index: str, **change: Any) -> pb.RollbackRequest:
@@ -274,17 +355,23 @@ def _text(field: str, value: Any) -> str:
 # Responses
 # ---------------------------------------------------------------------------------------------
 
+def from_patch_ref(message: pb.PatchRef) -> PatchRef:
+    return PatchRef(row=message.row, col=message.col, box=(message.x0, message.y0, message.x1, message.y1))
+
+
 def from_token_match(message: pb.TokenMatch) -> TokenMatch:
     return TokenMatch(query_index=message.query_index, query_token=message.query_token,
                       doc_token_index=message.doc_token_index, doc_token=message.doc_token,
                       start=message.start, end=message.end, similarity=message.similarity,
-                      share=message.share)
+                      share=message.share,
+                      patch=from_patch_ref(message.patch) if message.HasField("patch") else None,
+                      pooled=tuple(from_patch_ref(p) for p in message.pooled))
 
 
 def from_hit(message: pb.Hit, version: str = "") -> Hit:
     return Hit(doc_id=message.doc_id, score=message.score, rank=message.rank,
                metadata=from_struct(message.metadata), version=version,
-               explanation=tuple(from_token_match(m) for m in message.explanation))
+               explanation=tuple(from_token_match(m) for m in message.explanation), kind=message.kind or "text")
 
 
 def from_search_stats(message: pb.SearchStats) -> SearchStats:
@@ -379,7 +466,39 @@ def from_version(message: pb.Version) -> Version:
                    documents=message.documents, tokens=message.tokens,
                    storage_uri=message.storage_uri, build_params=from_struct(message.build_params),
                    manifest_sha256=message.manifest_sha256, created_at=message.created_at,
-                   updated_at=message.updated_at, error=message.error)
+                   updated_at=message.updated_at, error=message.error,
+                   evaluations=tuple(from_version_evaluation(e) for e in message.evaluations))
+
+
+def from_version_evaluation(message: pb.VersionEvaluation) -> VersionEvaluation:
+    return VersionEvaluation(version=message.version, query_set=message.query_set, queries=message.queries,
+                             ndcg_at_10=message.ndcg_at_10, recall_at_k=message.recall_at_k, k=message.k,
+                             mrr_at_10=message.mrr_at_10, latency_p50_ms=message.latency_p50_ms,
+                             latency_p95_ms=message.latency_p95_ms, latency_p99_ms=message.latency_p99_ms,
+                             evaluated_at=message.evaluated_at, metrics=dict(message.metrics))
+
+
+def from_evaluate_response(message: pb.EvaluateResponse) -> list[VersionEvaluation]:
+    return [from_version_evaluation(e) for e in message.results]
+
+
+def from_judgement(message: pb.Judgement) -> tuple[str, float]:
+    return message.doc_id, message.relevance
+
+
+def from_eval_query(message: pb.EvalQuery) -> EvalQuery:
+    return EvalQuery(query_id=message.query_id, query=message.text,
+                     relevant=dict(from_judgement(j) for j in message.judgements),
+                     query_vectors=from_multi_vector(message.query_vectors)
+                     if message.HasField("query_vectors") else None)
+
+
+def from_promote_policy(message: pb.PromotePolicy) -> PromotePolicy:
+    def optional(name: str) -> Any:
+        return getattr(message, name) if message.HasField(name) else None
+
+    return PromotePolicy(max_ndcg_drop=optional("max_ndcg_drop"), min_shadow_overlap=optional("min_shadow_overlap"),
+                         min_shadow_compared=optional("min_shadow_compared"))
 
 
 def from_list_versions_response(message: pb.ListVersionsResponse) -> list[Version]:

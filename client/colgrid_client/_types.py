@@ -98,8 +98,20 @@ class Matrix:
 
 
 @dataclass(frozen=True)
+class PatchRef:
+    """A patch of an image document (page): its cell in the patch grid and its pixel box
+    (x0, y0, x1, y1, end-exclusive) on the stored page image."""
+
+    row: int
+    col: int
+    box: tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
 class TokenMatch:
-    """How one query token matched inside one hit: its best document token and the score share."""
+    """How one query token matched inside one hit: its best document token and the score share.
+    For image documents, `patch` is the patch the matched vector stands for and `pooled` the
+    other patches of a pooled vector."""
 
     query_index: int
     query_token: str
@@ -109,6 +121,8 @@ class TokenMatch:
     end: int
     similarity: float   # <q, d>: this query token's contribution to the hit's score
     share: float        # similarity / score
+    patch: PatchRef | None = None
+    pooled: tuple[PatchRef, ...] = ()
 
     @property
     def contribution(self) -> float:
@@ -123,6 +137,7 @@ class Hit:
     metadata: Mapping[str, Any] = field(default_factory=dict, hash=False)
     version: str = ""                           # the index version that scored this hit
     explanation: tuple[TokenMatch, ...] = ()    # empty unless explain=True
+    kind: str = "text"                          # "text" or "image" (an image or a PDF page)
 
 
 @dataclass(frozen=True)
@@ -169,6 +184,55 @@ class VersionState(enum.StrEnum):
 
 
 @dataclass(frozen=True)
+class VersionEvaluation:
+    """One version's scores on a judged query set (see `Client.evaluate`): nDCG@10 (linear
+    gains), recall@k, MRR@10 as means over the queries, and search latency percentiles."""
+
+    version: str
+    query_set: str
+    queries: int = 0
+    ndcg_at_10: float = 0.0
+    recall_at_k: float = 0.0
+    k: int = 0                 # the recall cut-off
+    mrr_at_10: float = 0.0
+    latency_p50_ms: float = 0.0
+    latency_p95_ms: float = 0.0
+    latency_p99_ms: float = 0.0
+    evaluated_at: str = ""     # RFC 3339, UTC
+    metrics: Mapping[str, float] = field(default_factory=dict, hash=False)  # every value by name
+
+    @property
+    def judged_missing(self) -> int:
+        """(query, relevant document) pairs whose document the version does not contain."""
+        return int(self.metrics.get("judged_missing", 0))
+
+
+@dataclass(frozen=True)
+class EvalQuery:
+    """A judged query for `Client.evaluate`: text (or `query_vectors`) and its relevance
+    judgements {doc id: gain}; a gain > 0 marks a relevant document."""
+
+    query_id: str
+    query: str = ""
+    relevant: Mapping[str, float] = field(default_factory=dict, hash=False)
+    query_vectors: Any = field(default=None, hash=False, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class PromotePolicy:
+    """Rules `promote` must pass (None: not checked). A refusal raises FailedPreconditionError
+    whose error_metadata["rule"] names the rule that failed, and changes nothing.
+
+    max_ndcg_drop: canary nDCG@10 >= stable nDCG@10 - this, on a query set both were evaluated
+    on (`evaluate(..., record=True)`). min_shadow_overlap: mean shadow overlap@k of the canary
+    against stable >= this. min_shadow_compared: at least this many shadow comparisons."""
+
+    max_ndcg_drop: float | None = None
+    min_shadow_overlap: float | None = None
+    min_shadow_compared: int | None = None
+
+
+@dataclass(frozen=True)
 class Version:
     index: str
     version: str
@@ -184,6 +248,7 @@ class Version:
     created_at: str = ""       # RFC 3339, UTC
     updated_at: str = ""
     error: str = ""            # why it FAILED
+    evaluations: tuple[VersionEvaluation, ...] = ()  # newest first
 
 
 @dataclass(frozen=True)

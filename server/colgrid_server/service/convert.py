@@ -15,7 +15,8 @@ from colgrid_client._pb import colgrid_pb2 as pb
 from colgrid_registry import AuditEntry, IndexRecord, Rollout, VersionRecord, VersionState
 from colgrid_server.encoders.types import EncodedText
 from colgrid_server.errors import InvalidArgument
-from colgrid_server.search import Hit, SearchResult
+from colgrid_server.evaluation import Evaluation, JudgedQuery, PromotePolicy
+from colgrid_server.search import Hit, PatchRef, SearchResult, TokenMatch
 from colgrid_server.serving import Acknowledgements, LoadFailure, ShadowStats, VersionUse
 
 _STATE = {
@@ -62,15 +63,25 @@ def _float(x: float) -> float:
     return float(x) if math.isfinite(x) else 0.0
 
 
+def patch_ref(p: PatchRef) -> pb.PatchRef:
+    x0, y0, x1, y1 = p.box
+    return pb.PatchRef(row=p.row, col=p.col, x0=x0, y0=y0, x1=x1, y1=y1)
+
+
+def token_match(m: TokenMatch) -> pb.TokenMatch:
+    message = pb.TokenMatch(query_index=m.query_index, query_token=m.query_token,
+                            doc_token_index=m.doc_token_index, doc_token=m.doc_token, start=m.start,
+                            end=m.end, similarity=_float(m.similarity), share=_float(m.share),
+                            pooled=[patch_ref(p) for p in m.pooled])
+    if m.patch is not None:
+        message.patch.CopyFrom(patch_ref(m.patch))
+    return message
+
+
 def hit(h: Hit) -> pb.Hit:
     return pb.Hit(
         doc_id=h.doc_id, score=_float(h.score), rank=h.rank, metadata=to_struct(h.metadata),
-        explanation=[
-            pb.TokenMatch(query_index=m.query_index, query_token=m.query_token,
-                          doc_token_index=m.doc_token_index, doc_token=m.doc_token, start=m.start,
-                          end=m.end, similarity=_float(m.similarity), share=_float(m.share))
-            for m in h.explanation
-        ],
+        explanation=[token_match(m) for m in h.explanation], kind=h.kind,
     )
 
 
@@ -101,12 +112,54 @@ def rollout(r: Rollout) -> pb.Rollout:
                       generation=r.generation, updated_at=_ts(r.updated_at))
 
 
-def version(v: VersionRecord) -> pb.Version:
+def version(v: VersionRecord, evaluations: Sequence[Evaluation] = ()) -> pb.Version:
     return pb.Version(index=v.index, version=v.version, state=_STATE[v.state], encoder_id=v.encoder_id or "",
                       encoder_kind=v.encoder_kind or "", dim=v.dim or 0, documents=v.documents or 0,
                       tokens=v.tokens or 0, storage_uri=v.storage_uri or "",
                       build_params=to_struct(v.build_params), manifest_sha256=v.manifest_sha256 or "",
-                      created_at=_ts(v.created_at), updated_at=_ts(v.updated_at), error=v.error or "")
+                      created_at=_ts(v.created_at), updated_at=_ts(v.updated_at), error=v.error or "",
+                      evaluations=[version_evaluation(e) for e in evaluations])
+
+
+# --- evaluation --------------------------------------------------------------------------------
+
+def version_evaluation(e: Evaluation) -> pb.VersionEvaluation:
+    return pb.VersionEvaluation(
+        version=e.version, query_set=e.query_set, queries=e.queries, ndcg_at_10=e.ndcg_at_10,
+        recall_at_k=e.recall_at_k, k=e.k, mrr_at_10=e.mrr_at_10, latency_p50_ms=e.latency_p50_ms,
+        latency_p95_ms=e.latency_p95_ms, latency_p99_ms=e.latency_p99_ms, evaluated_at=_ts(e.evaluated_at),
+        metrics={name: _float(value) for name, value in e.metrics.items()})
+
+
+def evaluate_response(index: str, results: Sequence[Evaluation]) -> pb.EvaluateResponse:
+    return pb.EvaluateResponse(index=index, results=[version_evaluation(e) for e in results])
+
+
+def judged_query(q: pb.EvalQuery, position: int) -> JudgedQuery:
+    """The domain query of an EvalQuery (checked later, with the whole set, by check_queries)."""
+    relevance: dict[str, float] = {}
+    for j in q.judgements:
+        if j.doc_id in relevance:
+            raise InvalidArgument(f"query {q.query_id!r} judges {j.doc_id!r} twice",
+                                  field=f"queries[{position}].judgements")
+        relevance[j.doc_id] = j.relevance
+    vectors = None
+    if q.HasField("query_vectors"):
+        field = f"queries[{position}].query_vectors"
+        vectors = matrix_from_pb(q.query_vectors, field=field, expected_dim=q.query_vectors.dim)
+    return JudgedQuery(query_id=q.query_id, text=q.text, relevance=relevance, vectors=vectors)
+
+
+def promote_policy(request: pb.PromoteRequest) -> PromotePolicy | None:
+    """The request's policy; None when it sets no rule."""
+    if not request.HasField("policy"):
+        return None
+    p = request.policy
+    policy = PromotePolicy(
+        max_ndcg_drop=p.max_ndcg_drop if p.HasField("max_ndcg_drop") else None,
+        min_shadow_overlap=p.min_shadow_overlap if p.HasField("min_shadow_overlap") else None,
+        min_shadow_compared=p.min_shadow_compared if p.HasField("min_shadow_compared") else None)
+    return None if policy.empty else policy
 
 
 def index_info(record: IndexRecord, r: Rollout, *, versions: int, loaded: bool) -> pb.IndexInfo:
