@@ -12,6 +12,7 @@ from colgrid_client import _base as base
 from colgrid_client._errors import from_rpc_error
 from colgrid_client import _convert as convert
 from colgrid_client._types import AuditEntry, IndexInfo, Matrix, RolloutStatus, SearchResult, Version
+from colgrid_client._types import EvalQuery, PromotePolicy, VersionEvaluation
 
 T = TypeVar("T")
 
@@ -97,6 +98,18 @@ class AsyncClient:
                           timeout: float | None = None) -> Version:
         return await self._unary(base.get_version(index, version), timeout)
 
+    # --- evaluation ----------------------------------------------------------------------------
+
+    async def evaluate(self, index: str, queries: Iterable[EvalQuery | Mapping[str, Any]], *,
+                       versions: Sequence[str] | None = None, k: int = 100, query_set: str = "",
+                       record: bool = False, nprobe: int | None = None, n_candidates: int | None = None,
+                       timeout: float | None = None) -> list[VersionEvaluation]:
+        """See `Client.evaluate`."""
+        request = convert.evaluate_request(index, queries, versions=versions, k=k, query_set=query_set,
+                                           record=record, nprobe=nprobe, n_candidates=n_candidates)
+        return await self._unary(base.Call("evaluation", "Evaluate", request, convert.from_evaluate_response),
+                                 timeout)
+
     # --- rollouts ------------------------------------------------------------------------------
 
     async def get_rollout(self, index: str, *, timeout: float | None = None) -> RolloutStatus:
@@ -137,12 +150,18 @@ class AsyncClient:
                                                reason=reason, wait_for_replicas=wait_for_replicas)
         return await self._change("ClearShadow", request, wait_for_replicas, timeout)
 
-    async def promote(self, index: str, *, expected_generation: int | None = None, actor: str = "",
-                      reason: str = "", wait_for_replicas: float | None = None,
+    async def promote(self, index: str, *, policy: PromotePolicy | None = None,
+                      max_ndcg_drop: float | None = None, min_shadow_overlap: float | None = None,
+                      min_shadow_compared: int | None = None, expected_generation: int | None = None,
+                      actor: str = "", reason: str = "", wait_for_replicas: float | None = None,
                       timeout: float | None = None) -> RolloutStatus:
-        """canary -> stable; the old stable is kept as previous_stable."""
-        request = convert.promote_request(index, expected_generation=expected_generation, actor=actor,
-                                          reason=reason, wait_for_replicas=wait_for_replicas)
+        """canary -> stable; the old stable is kept as previous_stable. With a `policy` (or its
+        rules as keywords) the server first checks it and refuses with FailedPreconditionError,
+        error_metadata["rule"] naming the failed rule, changing nothing (see PromotePolicy)."""
+        request = convert.promote_request(
+            index, policy=convert.policy_of(policy, max_ndcg_drop, min_shadow_overlap, min_shadow_compared),
+            expected_generation=expected_generation, actor=actor, reason=reason,
+            wait_for_replicas=wait_for_replicas)
         return await self._change("Promote", request, wait_for_replicas, timeout)
 
     async def rollback(self, index: str, *, expected_generation: int | None = None, actor: str = "",

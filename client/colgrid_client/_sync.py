@@ -12,6 +12,7 @@ from colgrid_client import _base as base
 from colgrid_client._errors import from_rpc_error
 from colgrid_client import _convert as convert
 from colgrid_client._types import AuditEntry, IndexInfo, Matrix, RolloutStatus, SearchResult, Version
+from colgrid_client._types import EvalQuery, PromotePolicy, VersionEvaluation
 
 T = TypeVar("T")
 
@@ -107,6 +108,23 @@ class Client:
     def get_version(self, index: str, version: str, *, timeout: float | None = None) -> Version:
         return self._unary(base.get_version(index, version), timeout)
 
+    # --- evaluation ----------------------------------------------------------------------------
+
+    def evaluate(self, index: str, queries: Iterable[EvalQuery | Mapping[str, Any]], *,
+                 versions: Sequence[str] | None = None, k: int = 100, query_set: str = "",
+                 record: bool = False, nprobe: int | None = None, n_candidates: int | None = None,
+                 timeout: float | None = None) -> list[VersionEvaluation]:
+        """Run judged `queries` on `versions` of `index` (one or two; None: stable, and
+        the canary if one runs) and return each version's scores, in that order: nDCG@10,
+        recall@k, MRR@10, latency percentiles. A query is an EvalQuery or a dict
+        {"query_id", "query", "relevant": {doc_id: gain}}. `record` stores the results on the
+        versions in the registry (under `query_set`, default: a digest of the queries), where
+        `get_version(...).evaluations` and promote policies find them."""
+        request = convert.evaluate_request(index, queries, versions=versions, k=k, query_set=query_set,
+                                           record=record, nprobe=nprobe, n_candidates=n_candidates)
+        return self._unary(base.Call("evaluation", "Evaluate", request, convert.from_evaluate_response),
+                           timeout)
+
     # --- rollouts ------------------------------------------------------------------------------
 
     # Every change below takes the same keywords and answers with the rollout after it:
@@ -156,12 +174,18 @@ class Client:
                                                reason=reason, wait_for_replicas=wait_for_replicas)
         return self._change("ClearShadow", request, wait_for_replicas, timeout)
 
-    def promote(self, index: str, *, expected_generation: int | None = None, actor: str = "",
-                reason: str = "", wait_for_replicas: float | None = None,
+    def promote(self, index: str, *, policy: PromotePolicy | None = None,
+                max_ndcg_drop: float | None = None, min_shadow_overlap: float | None = None,
+                min_shadow_compared: int | None = None, expected_generation: int | None = None,
+                actor: str = "", reason: str = "", wait_for_replicas: float | None = None,
                 timeout: float | None = None) -> RolloutStatus:
-        """canary -> stable; the old stable is kept as previous_stable."""
-        request = convert.promote_request(index, expected_generation=expected_generation, actor=actor,
-                                          reason=reason, wait_for_replicas=wait_for_replicas)
+        """canary -> stable; the old stable is kept as previous_stable. With a `policy` (or its
+        rules as keywords) the server first checks it and refuses with FailedPreconditionError,
+        error_metadata["rule"] naming the failed rule, changing nothing (see PromotePolicy)."""
+        request = convert.promote_request(
+            index, policy=convert.policy_of(policy, max_ndcg_drop, min_shadow_overlap, min_shadow_compared),
+            expected_generation=expected_generation, actor=actor, reason=reason,
+            wait_for_replicas=wait_for_replicas)
         return self._change("Promote", request, wait_for_replicas, timeout)
 
     def rollback(self, index: str, *, expected_generation: int | None = None, actor: str = "",

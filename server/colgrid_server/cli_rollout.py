@@ -62,6 +62,8 @@ def add_rollout_verbs(verbs: argparse._SubParsersAction, client_opts) -> None:
         p = sub.add_parser(name, help=helptext, description=helptext[0].upper() + helptext[1:] + ".")
         p.add_argument("index")
         change(p)
+        if name == "promote":
+            _policy_opts(p)
         p.set_defaults(fn=fn)
 
     p = sub.add_parser("stable", help="point stable at a version directly",
@@ -83,6 +85,17 @@ def add_rollout_verbs(verbs: argparse._SubParsersAction, client_opts) -> None:
     p.add_argument("--limit", type=int, default=20)
     client_opts(p)
     p.set_defaults(fn=cmd_rollout_history)
+
+
+def _policy_opts(p: argparse.ArgumentParser) -> None:
+    rules = p.add_argument_group("promote policy", "refuse the promote (exit 1, naming the rule) unless the canary "
+                                                   "passes these; evaluations come from `colgrid eval --record`")
+    rules.add_argument("--max-ndcg-drop", type=float, metavar="DROP",
+                       help="canary nDCG@10 >= stable nDCG@10 - DROP on a query set both were evaluated on")
+    rules.add_argument("--min-shadow-overlap", type=float, metavar="OVERLAP",
+                       help="mean shadow overlap@k of the canary against stable >= OVERLAP (0..1)")
+    rules.add_argument("--min-shadow-compared", type=int, metavar="N",
+                       help="at least N shadow comparisons of the canary against stable")
 
 
 def _default_actor() -> str:
@@ -128,7 +141,8 @@ def cmd_rollout_shadow(args: argparse.Namespace) -> int:
 
 
 def cmd_rollout_promote(args: argparse.Namespace) -> int:
-    return _change(args, "promote")
+    return _change(args, "promote", max_ndcg_drop=args.max_ndcg_drop, min_shadow_overlap=args.min_shadow_overlap,
+                   min_shadow_compared=args.min_shadow_compared)
 
 
 def cmd_rollout_rollback(args: argparse.Namespace) -> int:

@@ -8,7 +8,9 @@ import grpc
 
 from colgrid_client._pb import colgrid_pb2 as pb
 from colgrid_client._pb import colgrid_pb2_grpc as pb_grpc
+from colgrid_registry import VersionRecord
 from colgrid_server.errors import InvalidArgument
+from colgrid_server.evaluation import Evaluation
 from colgrid_server.serving import ServingState
 from colgrid_server.service import convert, requests
 from colgrid_server.service.status import abort_with
@@ -45,7 +47,7 @@ class RegistryService(pb_grpc.RegistryServiceServicer):
     async def ListVersions(self, request: pb.ListVersionsRequest, context) -> pb.ListVersionsResponse:
         def run() -> pb.ListVersionsResponse:
             name = requests.index_name(request.index)
-            return pb.ListVersionsResponse(versions=[convert.version(v) for v in self._registry.list_versions(name)])
+            return pb.ListVersionsResponse(versions=[self._version(v) for v in self._registry.list_versions(name)])
         return await self._call(context, run)
 
     async def GetVersion(self, request: pb.GetVersionRequest, context) -> pb.Version:
@@ -53,5 +55,9 @@ class RegistryService(pb_grpc.RegistryServiceServicer):
             name = requests.index_name(request.index)
             if not request.version:
                 raise InvalidArgument("version is required (e.g. v1); see ListVersions", field="version")
-            return convert.version(self._registry.get_version(name, request.version))
+            return self._version(self._registry.get_version(name, request.version))
         return await self._call(context, run)
+
+    def _version(self, record: VersionRecord) -> pb.Version:
+        evaluations = self._registry.evaluations(record.index, record.version)  # newest first
+        return convert.version(record, [Evaluation.from_record(e) for e in evaluations])

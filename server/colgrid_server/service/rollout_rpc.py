@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from concurrent.futures import Executor
+from dataclasses import replace
 from typing import Any
 
 import grpc
@@ -18,8 +19,10 @@ from colgrid_client._pb import colgrid_pb2 as pb
 from colgrid_client._pb import colgrid_pb2_grpc as pb_grpc
 from colgrid_registry import Rollout
 from colgrid_server.errors import InvalidArgument
+from colgrid_server.evaluation import PromotePolicy, PromoteRefused, gate_promotion
 from colgrid_server.serving import Change, Replica, RolloutChanges, ServingState
 from colgrid_server.service import convert, requests
+from colgrid_server.service.evaluate_rpc import abort_promote_refused
 from colgrid_server.service.status import abort_with
 
 DEFAULT_HISTORY = 20
@@ -92,7 +95,19 @@ class RolloutService(pb_grpc.RolloutServiceServicer):
         return await self._change(context, request, self._changes.clear_shadow)
 
     async def Promote(self, request: pb.PromoteRequest, context) -> pb.RolloutStatus:
-        return await self._change(context, request, self._changes.promote)
+        def promote(name: str, change: Change) -> Rollout:
+            policy = convert.promote_policy(request)
+            return self._changes.promote(name, self._gate(name, change, policy) if policy else change)
+        return await self._change(context, request, promote)
+
+    def _gate(self, name: str, change: Change, policy: PromotePolicy) -> Change:
+        """Check `policy` on the rollout as it is now (PromoteRefused names the failed rule), and
+        promote that rollout only: a change landing in between makes the promote ABORTED."""
+        rollout = self._registry.get_rollout(name)
+        if change.expected_generation not in (None, rollout.generation):
+            return change  # refused as a generation conflict, policy unchecked
+        gate_promotion(self._registry, rollout, policy, self._state.shadow.stats(name))
+        return replace(change, expected_generation=rollout.generation)
 
     async def Rollback(self, request: pb.RollbackRequest, context) -> pb.RolloutStatus:
         return await self._change(context, request, self._changes.rollback)
@@ -116,6 +131,9 @@ class RolloutService(pb_grpc.RolloutServiceServicer):
             if wait:
                 await self._wait_for_replicas(name, after.generation, wait)
             return await self._run(self._status, after)
+        except PromoteRefused as exc:
+            await abort_promote_refused(context, exc)  # FAILED_PRECONDITION naming the rule
+            raise
         except Exception as exc:  # noqa: BLE001
             await abort_with(context, exc)
             raise
