@@ -1,0 +1,1 @@
+"""Operational scripts (fault trials, load test); run from the repository root, not installed."""
