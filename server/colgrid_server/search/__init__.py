@@ -2,6 +2,14 @@
 MaxSim on them, top-k with explanations (DESIGN.md "Candidate generation and exact MaxSim")."""
 from __future__ import annotations
 
+from colgrid_server.search._explain import (
+    DEFAULT_ALPHA,
+    DocumentExplanation,
+    check_alpha,
+    explain_document,
+    find_document,
+    render_explanation_png,
+)
 from colgrid_server.search._maxsim import (
     DEFAULT_BLOCK_TOKENS,
     Explanation,
@@ -23,6 +31,12 @@ from colgrid_server.search._results import Hit, PatchRef, SearchResult, SearchSt
 from colgrid_server.search._searcher import Searcher
 
 __all__ = [
+    "DEFAULT_ALPHA",
+    "DocumentExplanation",
+    "check_alpha",
+    "explain_document",
+    "find_document",
+    "render_explanation_png",
     "DEFAULT_BLOCK_TOKENS",
     "DEFAULT_K",
     "DEFAULT_NPROBE",
