@@ -226,9 +226,10 @@ def test_server_pods_run_as_the_image_user_on_a_read_only_root(overlay):
     assert spec["securityContext"]["runAsUser"] == int(dockerfile_user().split(":")[0])
     for container in spec["containers"] + spec["initContainers"]:
         assert container["securityContext"]["readOnlyRootFilesystem"] is True
-    # What the server writes goes to volumes: the data dir (seeded from the image) and /tmp.
+    # What the server writes goes to volumes: the data dir (seeded from the image), /tmp (hnswlib
+    # graphs load through temp files) and $HOME (onnxruntime's ~/.cache).
     mounts = {m["mountPath"] for m in server_container(objects)["volumeMounts"]}
-    assert {dockerfile_env()["COLGRID_DATA_DIR"], "/tmp"} <= mounts
+    assert {dockerfile_env()["COLGRID_DATA_DIR"], "/tmp", dockerfile_env()["HOME"]} <= mounts
     seed = spec["initContainers"][0]
     assert seed["command"][-2] == dockerfile_env()["COLGRID_DATA_DIR"] + "/."
     seed_volume = next(m["name"] for m in seed["volumeMounts"] if m["mountPath"] == seed["command"][-1].rstrip("/"))
