@@ -291,13 +291,14 @@ def test_each_service_selects_the_pods_of_exactly_one_workload(overlay):
     _, objects = overlay
     workloads = [o for o in objects if o["kind"] in WORKLOAD_KINDS]
     for service in (o for o in objects if o["kind"] == "Service"):
-        chosen = [w for w in workloads if selects(service["spec"]["selector"], w["spec"]["template"]["metadata"]["labels"])]
-        assert len(chosen) == 1, f"service {service['metadata']['name']} selects {len(chosen)} workloads"
+        name, selector = service["metadata"]["name"], service["spec"]["selector"]
+        chosen = [w for w in workloads if selects(selector, w["spec"]["template"]["metadata"]["labels"])]
+        assert len(chosen) == 1, f"service {name} selects {len(chosen)} workloads"
         container_ports = {p["name"]: p["containerPort"] for c in pod_spec(chosen[0])["containers"]
                            for p in c.get("ports", [])}
         for port in service["spec"]["ports"]:
             target = port["targetPort"]
-            assert target in container_ports or target in container_ports.values(), (service["metadata"]["name"], target)
+            assert target in container_ports or target in container_ports.values(), (name, target)
 
 
 def test_server_service_exposes_grpc_and_metrics(overlay):
@@ -378,6 +379,14 @@ def test_prod_turns_api_keys_on_from_the_mounted_secret():
     example = one(load_yaml_objects(K8S / "base" / "secret.example.yaml"), "Secret", volume["secret"]["secretName"])
     assert path.name in example["stringData"]
     assert "COLGRID_API_KEYS_FILE" not in one(render(K8S / "overlays" / "dev"), "ConfigMap", "colgrid-config")["data"]
+
+
+def test_api_key_file_example_is_a_key_file_the_server_reads(secret_examples):
+    from colgrid_server.security import parse_keys
+
+    example = one(secret_examples, "Secret", "colgrid-api-keys")["stringData"]["api-keys.json"]
+    keys = parse_keys(example, source="secret.example.yaml")
+    assert {role for key in keys for role in key.roles} == {"search", "admin"}
 
 
 def test_every_colgrid_variable_in_the_manifests_is_a_setting(overlay):
