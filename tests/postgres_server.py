@@ -1,7 +1,8 @@
 """A real, throwaway PostgreSQL server for the registry tests (pytest collects no tests here).
 
 Import the fixture where it is used: `from tests.postgres_server import postgres_url  # noqa: F401`.
-Each test gets its own empty database on one cluster per test session. The cluster is started
+Each test gets its own empty schema (or, with `create_database`, database) on one cluster per
+test session. The cluster is started
 on first use (initdb into a temporary directory, pg_ctl on a free 127.0.0.1 port, its unix
 socket in that directory; durability off, it is thrown away) and stopped when the session's
 process exits: a module-level singleton rather than a session fixture, because a session
@@ -133,21 +134,26 @@ def _stop(cluster: Cluster) -> None:
 
 
 _CLUSTER: list[Cluster] = []
-_DATABASES = itertools.count(1)
+_NAMES = itertools.count(1)
+SHARED_DATABASE = "colgrid_tests"
 
 
 def cluster() -> Cluster:
-    """The session's cluster, started on first use."""
+    """The session's cluster, started on first use (with an empty database SHARED_DATABASE)."""
     if not _CLUSTER:
-        _CLUSTER.append(_start())
+        server = _start()
+        with server.admin() as admin:
+            admin.execute(f'CREATE DATABASE "{SHARED_DATABASE}"')
+        _CLUSTER.append(server)
     return _CLUSTER[0]
 
 
 def create_database(**options: str) -> str:
     """A new empty database on the session's cluster; its URL. `options` go to CREATE DATABASE
-    (e.g. LOCALE_PROVIDER="icu", ICU_LOCALE="'en-US'", TEMPLATE="template0")."""
+    (e.g. LOCALE_PROVIDER="icu", ICU_LOCALE="'en-US'", TEMPLATE="template0"). A database costs
+    a few hundred milliseconds; `postgres_url` (a schema) a few."""
     server = cluster()
-    name = f"colgrid_test_{os.getpid()}_{next(_DATABASES)}"
+    name = f"colgrid_test_{os.getpid()}_{next(_NAMES)}"
     extra = " ".join(f"{key} {value}" for key, value in options.items())
     with server.admin() as admin:
         admin.execute(f'CREATE DATABASE "{name}" {extra}')
@@ -162,7 +168,16 @@ def drop_database(url: str) -> None:
 
 @pytest.fixture()
 def postgres_url() -> Iterator[str]:
-    """postgresql://postgres@127.0.0.1:<port>/<fresh empty database> (trust auth, no password)."""
-    url = create_database()
-    yield url
-    drop_database(url)
+    """An empty registry location of its own on the session's PostgreSQL server (trust
+    authentication, no password): a fresh schema of a shared database, named in the URL as the
+    connection's search_path, so everything the registry creates lands in it."""
+    server = cluster()
+    schema = f"test_{os.getpid()}_{next(_NAMES)}"
+    with psycopg.connect(server.url(SHARED_DATABASE), autocommit=True) as admin:
+        admin.execute(f'CREATE SCHEMA "{schema}"')
+    yield f"{server.url(SHARED_DATABASE)}?options=-csearch_path%3D{schema}"
+    with psycopg.connect(server.url(SHARED_DATABASE), autocommit=True) as admin:
+        # Connections a test left open (a killed subprocess's) would hold locks on the schema.
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                      "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
