@@ -1,0 +1,136 @@
+"""GPU path figures (run on a CUDA machine: `bash bench/gpu_check.sh`; also runs on CPU).
+
+1. Exact MaxSim kernel over a candidate set (32 query tokens x 1,000 candidates x 100-1,000
+   tokens each) vs one plain matmul of the same shapes, on the same device, per dtype.
+2. Whole searches (centroid candidates + exact MaxSim) on a synthetic clustered version built
+   from arrays: queries/second on the device vs the CPU, defaults and exhaustive.
+Writes JSON (--out).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from colgrid_server.index import build_version_from_arrays, open_version
+from colgrid_server.search import SearchParams, Searcher, maxsim_scores
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn, device: torch.device, repeat: int) -> float:
+    fn()
+    _sync(device)
+    started = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - started) / repeat
+
+
+def kernel(device: torch.device, dim: int, repeat: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(100, 1001, size=1000)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    n_tok = int(offsets[-1])
+    tokens = torch.from_numpy(rng.standard_normal((n_tok, dim), dtype=np.float32)).to(torch.float16).to(device)
+    query = torch.from_numpy(rng.standard_normal((32, dim), dtype=np.float32))
+    docs = np.arange(1000)
+    block = 1 << 18 if device.type == "cuda" else 8192
+    out = {"candidates": 1000, "tokens": n_tok, "dim": dim, "query_tokens": 32}
+    flops = 2.0 * n_tok * dim * 32
+    maxsim_fp32 = _timed(lambda: maxsim_scores(query, tokens, offsets, docs, block_tokens=block), device, repeat)
+    out["maxsim_fp32_ms"] = maxsim_fp32 * 1e3
+    matmuls = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        if device.type == "cpu" and name == "fp16":
+            continue  # ~200x slower on CPU (shared/notes/cpu-matmul.md): not a meaningful peak
+        a = tokens.to(dtype)
+        b = query.to(device=device, dtype=dtype).T.contiguous()
+        matmuls[name] = _timed(lambda: torch.mm(a, b), device, repeat)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        a, b = tokens.float(), query.to(device).T.contiguous()
+        matmuls["tf32"] = _timed(lambda: torch.mm(a, b), device, repeat)
+        torch.backends.cuda.matmul.allow_tf32 = False
+    fastest = min(matmuls.values())
+    out["matmul_ms"] = {k: v * 1e3 for k, v in matmuls.items()}
+    out["matmul_tflops"] = {k: flops / v / 1e12 for k, v in matmuls.items()}
+    out["maxsim_vs_fastest_matmul"] = fastest / maxsim_fp32
+    out["maxsim_vs_fp32_matmul"] = matmuls["fp32"] / maxsim_fp32
+    return out
+
+
+def searches(device: torch.device, dim: int, n_docs: int, n_queries: int, workdir: Path, seed: int = 1) -> dict:
+    rng = np.random.default_rng(seed)
+    topics = rng.standard_normal((512, dim), dtype=np.float32)
+    lengths = rng.integers(20, 200, size=n_docs)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    topic = np.repeat(rng.integers(0, 512, size=n_docs), lengths)
+    tokens = topics[topic] + 0.6 * rng.standard_normal((int(offsets[-1]), dim), dtype=np.float32)
+    tokens /= np.linalg.norm(tokens, axis=1, keepdims=True)
+    started = time.perf_counter()
+    build_version_from_arrays(workdir / "v1", tokens=tokens, doc_offsets=offsets,
+                              doc_ids=[f"d{i}" for i in range(n_docs)], normalized=True)
+    build_s = time.perf_counter() - started
+    queries = []
+    for doc in rng.integers(0, n_docs, size=n_queries):
+        n = int(min(32, lengths[doc]))
+        q = tokens[offsets[doc]:offsets[doc] + n] + 0.1 * rng.standard_normal((n, dim), dtype=np.float32)
+        queries.append(q / np.linalg.norm(q, axis=1, keepdims=True))
+    out: dict = {"documents": n_docs, "tokens": int(offsets[-1]), "build_s": build_s, "queries": n_queries}
+    results = {}
+    for where in ("cpu", device.type) if device.type != "cpu" else ("cpu",):
+        version = open_version(workdir / "v1", device=where)
+        searcher = Searcher(version)
+        for mode in ("defaults", "exhaustive"):
+            run = searcher.exhaustive if mode == "exhaustive" else searcher.search
+            count = n_queries if mode == "defaults" else max(5, n_queries // 10)
+            run(queries[0], [""] * queries[0].shape[0], SearchParams())
+            started = time.perf_counter()
+            answers = [run(q, [""] * q.shape[0], SearchParams()) for q in queries[:count]]
+            elapsed = time.perf_counter() - started
+            results[f"{where}_{mode}"] = {"qps": count / elapsed, "ms_per_query": elapsed / count * 1e3}
+            results[f"{where}_{mode}_top"] = [[h.doc_id for h in a.hits] for a in answers]
+        version.close()
+    if device.type == "cuda":
+        same = [a == b for a, b in zip(results["cpu_defaults_top"], results["cuda_defaults_top"])]
+        out["gpu_equals_cpu_top10"] = float(np.mean(same))
+        exact = [a == b for a, b in zip(results["cpu_exhaustive_top"], results["cuda_exhaustive_top"])]
+        out["gpu_equals_cpu_exhaustive_top10"] = float(np.mean(exact))
+    out.update({k: v for k, v in results.items() if not k.endswith("_top")})
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--documents", type=int, default=50_000)
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/gpu.json"))
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    report = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "cpu",
+              "torch": torch.__version__, "cpu_threads": torch.get_num_threads()}
+    report["kernel"] = kernel(device, args.dim, args.repeat)
+    print(json.dumps(report["kernel"], indent=1), flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        report["search"] = searches(device, args.dim, args.documents, args.queries, Path(tmp))
+    print(json.dumps(report["search"], indent=1), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
