@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +27,8 @@ def entrypoint_env(data_dir: Path, port: int, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("COLGRID_")}
     env.update(PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", COLGRID_DATA_DIR=str(data_dir),
                COLGRID_HOST="127.0.0.1", COLGRID_PORT=str(port), COLGRID_METRICS_PORT="0",
-               COLGRID_GRACE_SECONDS=str(GRACE_SECONDS), COLGRID_REGISTRY_POLL_SECONDS="0.5", **extra)
+               COLGRID_GRACE_SECONDS=str(GRACE_SECONDS), COLGRID_REGISTRY_POLL_SECONDS="0.5")
+    env.update(extra)
     return env
 
 
@@ -50,9 +52,9 @@ def health(port: int) -> int | None:
             return None
 
 
-def start_server(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, int, dict[str, str]]:
+def start_server(tmp_path: Path, *args: str, **extra: str) -> tuple[subprocess.Popen, int, dict[str, str]]:
     port = free_port()
-    env = entrypoint_env(tmp_path / "data", port)
+    env = entrypoint_env(tmp_path / "data", port, **extra)
     log = open(tmp_path / "server.log", "w")  # noqa: SIM115 - closed with the process
     proc = subprocess.Popen(["bash", str(ENTRYPOINT), *args], env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -76,7 +78,8 @@ def stop(proc: subprocess.Popen) -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[tuple[subprocess.Popen, int, dict[str, str]]]:
-    proc, port, env = start_server(tmp_path_factory.mktemp("entrypoint"))
+    # Metrics on, as in the image (COLGRID_METRICS_PORT=9090 there; a free port here).
+    proc, port, env = start_server(tmp_path_factory.mktemp("entrypoint"), COLGRID_METRICS_PORT=str(free_port()))
     yield proc, port, env
     stop(proc)
 
@@ -134,6 +137,14 @@ def test_the_server_replaces_the_script_so_signals_reach_it(server):
     argv = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
     assert not any(b"docker-entrypoint.sh" in arg for arg in argv)
     assert b"serve" in argv
+
+
+def test_metrics_are_exported_on_the_metrics_port(server):
+    _, _, env = server
+    url = f"http://127.0.0.1:{env['COLGRID_METRICS_PORT']}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        assert reply.status == 200
+        assert "# TYPE" in reply.read().decode()
 
 
 def test_healthcheck_passes_against_a_serving_server(server):
