@@ -73,7 +73,8 @@ def test_eval_json_prints_every_field(eval_versions, queries, tmp_path, capsys):
 
 def test_beir_queries_and_qrels_score_like_the_same_judgements_in_jsonl(eval_versions, queries, tmp_path, capsys):
     jsonl = write_jsonl(tmp_path / "dev.jsonl", queries)
-    beir_queries = write_jsonl(tmp_path / "queries.jsonl", [{"_id": q["query_id"], "text": q["query"]} for q in queries])
+    beir_queries = write_jsonl(tmp_path / "queries.jsonl",
+                               [{"_id": q["query_id"], "text": q["query"]} for q in queries])
     qrels = tmp_path / "test.tsv"
     qrels.write_text("query-id\tcorpus-id\tscore\n" + "".join(
         f"{q['query_id']}\t{doc}\t{int(gain)}\n" for q in queries for doc, gain in q["relevant"].items()))
