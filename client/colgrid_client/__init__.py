@@ -19,6 +19,7 @@ from colgrid_client._errors import (
 )
 from colgrid_client._sync import Client
 from colgrid_client._types import EvalQuery, PromotePolicy, VersionEvaluation
+from colgrid_client._types import Explanation
 from colgrid_client._types import (
     Hit, IndexInfo, Matrix, PatchRef, Rollout, SearchResult, SearchStats, TokenMatch, Version, VersionState,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "Hit",
     "PatchRef",
     "TokenMatch",
+    "Explanation",
     "SearchStats",
     "Matrix",
     "IndexInfo",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
@@ -12,6 +13,7 @@ from colgrid_client import _base as base
 from colgrid_client._errors import from_rpc_error
 from colgrid_client import _convert as convert
 from colgrid_client._types import AuditEntry, IndexInfo, Matrix, RolloutStatus, SearchResult, Version
+from colgrid_client._types import Explanation
 from colgrid_client._types import EvalQuery, PromotePolicy, VersionEvaluation
 
 T = TypeVar("T")
@@ -71,6 +73,17 @@ class AsyncClient:
         finally:
             call.cancel()  # no-op once finished; stops the server's work if the caller stops early
         stream.finish()
+
+    async def explain(self, index: str, doc_id: str, query: str = "", *, query_token: int | None = None,
+                      render: bool = False, version: str | None = None, alpha: float = 0.5,
+                      routing_key: str = "", query_vectors: Any = None,
+                      timeout: float | None = None) -> Explanation:
+        """See `Client.explain`."""
+        request = convert.explain_request(index, doc_id, query, query_token=query_token, render=render,
+                                          version=version, alpha=alpha, routing_key=routing_key,
+                                          query_vectors=query_vectors)
+        read = functools.partial(convert.from_explain_response, query_token=query_token)
+        return await self._unary(base.Call("search", "Explain", request, read), timeout)
 
     # --- encode --------------------------------------------------------------------------------
 

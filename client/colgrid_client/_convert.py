@@ -20,6 +20,7 @@ from colgrid_client._types import (
     PatchRef, SearchStats, ServingVersion, ShadowStats, TokenMatch, Version, VersionState,
 )
 from colgrid_client._types import EvalQuery, PromotePolicy, VersionEvaluation
+from colgrid_client._types import Explanation
 
 _LITTLE_ENDIAN = sys.byteorder == "little"
 _UINT32_MAX = 2**32 - 1
@@ -131,6 +132,26 @@ def stream_search_request(index: str, query: str | Mapping[str, Any], defaults: 
         raise invalid("queries", f"unknown stream query keys {sorted(unknown)}; "
                                  f"allowed: {sorted(STREAM_QUERY_KEYS)}")
     return search_request(index, **{**defaults, **query, "request_id": request_id})
+
+
+def explain_request(index: str, doc_id: str, query: str = "", *, query_token: int | None = None,
+                    render: bool = False, version: str | None = None, alpha: float = 0.5,
+                    routing_key: str = "", query_vectors: Any = None) -> pb.ExplainRequest:
+    """alpha travels as given (the server refuses one outside [0, 1]); 0 on the wire means the
+    server default 0.5."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise invalid("alpha", f"alpha must be a number between 0 and 1, got {alpha!r}")
+    request = pb.ExplainRequest(index=_text("index", index), doc_id=_text("doc_id", doc_id),
+                                query=_text("query", query), version=_text("version", version or ""),
+                                render=bool(render), routing_key=_text("routing_key", routing_key),
+                                alpha=float(alpha))
+    if query_token is not None:
+        if isinstance(query_token, bool) or not isinstance(query_token, int) or not -2**31 <= query_token < 2**31:
+            raise invalid("query_token", f"query_token must be a query token position (int), got {query_token!r}")
+        request.query_token = query_token
+    if query_vectors is not None:
+        request.query_vectors.CopyFrom(to_multi_vector(query_vectors))
+    return request
 
 
 def encode_query_request(index: str | None, text: str, encoder_id: str | None
@@ -388,6 +409,20 @@ def from_search_response(message: pb.SearchResponse, request_id: str = "") -> Se
                         stats=from_search_stats(message.stats),
                         request_id=message.request_id or request_id,
                         generation=message.generation, role=message.role)
+
+
+def from_explain_response(message: pb.ExplainResponse, query_token: int | None = None) -> Explanation:
+    """`query_token` echoes the request's (the response does not carry it)."""
+    rows, cols = message.grid_rows, message.grid_cols
+    if len(message.patch_scores) != rows * cols:
+        raise InternalError(f"server sent {len(message.patch_scores)} patch scores for a {rows}x{cols} grid")
+    scores = list(message.patch_scores)
+    return Explanation(index=message.index, version=message.version, doc_id=message.doc_id, score=message.score,
+                       matches=tuple(from_token_match(m) for m in message.matches), kind=message.kind or "text",
+                       grid=(rows, cols) if rows and cols else None,
+                       patch_scores=[scores[r * cols:(r + 1) * cols] for r in range(rows)],
+                       width=message.width, height=message.height, heatmap_png=message.heatmap_png,
+                       encoder_id=message.encoder_id, query_token=query_token)
 
 
 def from_encode_response(message: pb.EncodeResponse) -> list[Matrix]:

@@ -1,6 +1,7 @@
 """The blocking client."""
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
@@ -12,6 +13,7 @@ from colgrid_client import _base as base
 from colgrid_client._errors import from_rpc_error
 from colgrid_client import _convert as convert
 from colgrid_client._types import AuditEntry, IndexInfo, Matrix, RolloutStatus, SearchResult, Version
+from colgrid_client._types import Explanation
 from colgrid_client._types import EvalQuery, PromotePolicy, VersionEvaluation
 
 T = TypeVar("T")
@@ -80,6 +82,23 @@ class Client:
         finally:
             call.cancel()  # no-op once finished; stops the server's work if the caller stops early
         stream.finish()
+
+    def explain(self, index: str, doc_id: str, query: str = "", *, query_token: int | None = None,
+                render: bool = False, version: str | None = None, alpha: float = 0.5,
+                routing_key: str = "", query_vectors: Any = None,
+                timeout: float | None = None) -> Explanation:
+        """Why `doc_id` scored what it did for `query` (or `query_vectors`) on `index`: the
+        exact MaxSim score and each query token's best document token; for an image document
+        (a page) also its patch (row, col) and pixel box, and the per-patch score grid, for one
+        `query_token` (0-based) or for all tokens summed. render=True adds a heatmap PNG of the
+        page (image documents only; `Explanation.save_heatmap(path)` writes it), `alpha` its
+        opacity in (0, 1] (0 means the server default, 0.5). `version` pins a version loaded on
+        the server (default: the one routing picks for `routing_key`, as search does)."""
+        request = convert.explain_request(index, doc_id, query, query_token=query_token, render=render,
+                                          version=version, alpha=alpha, routing_key=routing_key,
+                                          query_vectors=query_vectors)
+        read = functools.partial(convert.from_explain_response, query_token=query_token)
+        return self._unary(base.Call("search", "Explain", request, read), timeout)
 
     # --- encode --------------------------------------------------------------------------------
 

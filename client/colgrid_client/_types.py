@@ -9,6 +9,8 @@ import enum
 from array import array
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from os import PathLike
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -173,6 +175,41 @@ class SearchResult:
 
     def __getitem__(self, index: int) -> Hit:
         return self.hits[index]
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Why one document scored what it did for a query (see `Client.explain`).
+
+    `matches` has one TokenMatch per query token, as a search hit's explanation. For an image
+    document (`kind == "image"`), `grid` is the patch grid (rows, cols) and `patch_scores[r][c]`
+    the score of patch cell (r, c): its similarity with the chosen `query_token`, or with every
+    query token summed (query_token None); a pooled vector gives each of its patches its own
+    score. `width` x `height` is the page image's size and `heatmap_png` the rendered heatmap
+    (when asked for with render=True). Text documents have no grid, scores or PNG."""
+
+    index: str
+    version: str
+    doc_id: str
+    score: float
+    matches: tuple[TokenMatch, ...]
+    kind: str = "text"
+    grid: tuple[int, int] | None = None
+    patch_scores: list[list[float]] = field(default_factory=list, hash=False, repr=False)
+    width: int = 0
+    height: int = 0
+    heatmap_png: bytes = field(default=b"", repr=False)
+    encoder_id: str = ""
+    query_token: int | None = None
+
+    def save_heatmap(self, path: str | PathLike[str]) -> Path:
+        """Write the heatmap PNG to `path` and return it; ValueError when there is none."""
+        if not self.heatmap_png:
+            why = "it is a text document" if self.kind != "image" else "explain was called without render=True"
+            raise ValueError(f"no heatmap for {self.doc_id!r}: {why}")
+        target = Path(path)
+        target.write_bytes(self.heatmap_png)
+        return target
 
 
 class VersionState(enum.StrEnum):

@@ -1,4 +1,4 @@
-"""SearchService: unary Search and the bidirectional SearchStream.
+"""SearchService: unary Search, the bidirectional SearchStream, and Explain (in explain_rpc).
 
 Each request is routed once (a stream once, on its first request) and holds a lease on the
 version answering it until its work finishes, even if the caller goes away first: the version
@@ -19,7 +19,7 @@ from colgrid_client._pb import colgrid_pb2_grpc as pb_grpc
 from colgrid_server.config import Settings
 from colgrid_server.errors import FailedPrecondition
 from colgrid_server.serving import Answer, Lease, Query, Route, ServingState
-from colgrid_server.service import convert, requests
+from colgrid_server.service import convert, explain_rpc, requests
 from colgrid_server.service.status import abort_with
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,14 @@ class SearchService(pb_grpc.SearchServiceServicer):
         finally:
             for route in pinned.values():
                 route.release()
+
+    async def Explain(self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext) -> pb.ExplainResponse:
+        """One document's score, per-token matches and (pages) patch scores / heatmap: see explain_rpc."""
+        try:
+            return await explain_rpc.explain(self._state, self._settings, self._executor, request)
+        except Exception as exc:  # noqa: BLE001
+            await abort_with(context, exc)
+            raise
 
     async def _answer(self, lease: Lease, query: Query) -> Answer:
         """Search on the worker pool; the lease ends when the work does (not when the caller

@@ -133,6 +133,23 @@ class ServingState:
                          shadow=sampled.acquire() if sampled is not None else None)
         raise FailedPrecondition(f"index {index!r} is changing versions too fast to route a request; retry")
 
+    def lease_version(self, index: str, version: str) -> Lease:
+        """A lease on `version` of `index` if this server holds it loaded (stable, canary,
+        shadow, the warm previous stable, or one being prepared); never loads one. NotFound for
+        an unknown index or version, FailedPrecondition for a version not loaded here."""
+        for _ in range(8):
+            routes = self.routes(index)  # NotFound / FailedPrecondition for an index not served
+            served = self._find_live(index, version)
+            if served is None:
+                self._registry.get_version(index, version)  # VersionNotFound for a name that does not exist
+                loaded = ", ".join(sorted({v.version for v in routes.versions().values()}))
+                raise FailedPrecondition(f"index {index!r} version {version} is not loaded on this server "
+                                         f"(loaded: {loaded}); leave the version empty to use the routed one")
+            lease = served.acquire()
+            if lease is not None:
+                return lease
+        raise FailedPrecondition(f"index {index!r} is changing versions too fast to lease {version}; retry")
+
     def shadow_for(self, index: str) -> Lease | None:
         """A leased shadow version for one more request of `index` (streams sample per request)."""
         routes = self._snapshot.get(index)
