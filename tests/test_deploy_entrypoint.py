@@ -1,5 +1,6 @@
 """deploy/docker-entrypoint.sh, run directly (as the image runs it) with the venv's colgrid on
-PATH: argument routing, the healthcheck verb, and serve's lifecycle under SIGTERM."""
+PATH: argument routing, the healthcheck verb, and a replica pair configured like compose.yaml's
+(COLGRID_* only, one PostgreSQL registry) from start to SIGTERM."""
 from __future__ import annotations
 
 import os
@@ -15,6 +16,9 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from colgrid_registry import open_registry
+from tests.postgres_server import create_database, drop_database
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTRYPOINT = ROOT / "deploy" / "docker-entrypoint.sh"
@@ -52,17 +56,26 @@ def health(port: int) -> int | None:
             return None
 
 
-def start_server(tmp_path: Path, *args: str, **extra: str) -> tuple[subprocess.Popen, int, dict[str, str]]:
+def launch(tmp_path: Path, *args: str, **extra: str) -> tuple[subprocess.Popen, int, dict[str, str]]:
     port = free_port()
     env = entrypoint_env(tmp_path / "data", port, **extra)
     log = open(tmp_path / "server.log", "w")  # noqa: SIM115 - closed with the process
     proc = subprocess.Popen(["bash", str(ENTRYPOINT), *args], env=env, stdout=log, stderr=subprocess.STDOUT)
+    return proc, port, env
+
+
+def wait_serving(proc: subprocess.Popen, port: int, log: Path) -> None:
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while health(port) != health_pb2.HealthCheckResponse.SERVING:
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            pytest.fail(f"server did not become SERVING:\n{(tmp_path / 'server.log').read_text()}")
+            pytest.fail(f"server did not become SERVING:\n{log.read_text()}")
         time.sleep(0.2)
+
+
+def start_server(tmp_path: Path, *args: str, **extra: str) -> tuple[subprocess.Popen, int, dict[str, str]]:
+    proc, port, env = launch(tmp_path, *args, **extra)
+    wait_serving(proc, port, tmp_path / "server.log")
     return proc, port, env
 
 
@@ -77,11 +90,25 @@ def stop(proc: subprocess.Popen) -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[tuple[subprocess.Popen, int, dict[str, str]]]:
-    # Metrics on, as in the image (COLGRID_METRICS_PORT=9090 there; a free port here).
-    proc, port, env = start_server(tmp_path_factory.mktemp("entrypoint"), COLGRID_METRICS_PORT=str(free_port()))
-    yield proc, port, env
-    stop(proc)
+def pair(tmp_path_factory) -> Iterator[dict[str, tuple[subprocess.Popen, int, dict[str, str]]]]:
+    """What compose.yaml runs: two servers with distinct COLGRID_REPLICA_ID on one PostgreSQL
+    registry, each with its own data dir; colgrid-a exports metrics, as the image does
+    (COLGRID_METRICS_PORT=9090 there, a free port here)."""
+    url = create_database()
+    servers, logs = {}, {}
+    for replica in ("colgrid-a", "colgrid-b"):
+        home = tmp_path_factory.mktemp(replica)
+        metrics = {"COLGRID_METRICS_PORT": str(free_port())} if replica == "colgrid-a" else {}
+        servers[replica] = launch(home, COLGRID_REPLICA_ID=replica, COLGRID_REGISTRY_URL=url, **metrics)
+        logs[replica] = home / "server.log"
+    try:
+        for replica, (proc, port, _) in servers.items():
+            wait_serving(proc, port, logs[replica])
+        yield servers
+    finally:
+        for proc, _, _ in servers.values():
+            stop(proc)
+        drop_database(url)
 
 
 # ---------------------------------------------------------------------------- argument routing
@@ -125,41 +152,51 @@ def test_healthcheck_fails_when_nothing_listens(tmp_path):
 
 # --------------------------------------------------------------------------------- serving
 
-def test_no_arguments_serve_with_settings_from_the_environment(server):
-    proc, port, env = server
+def test_no_arguments_serve_with_settings_from_the_environment(pair):
+    proc, port, env = pair["colgrid-a"]
     assert proc.poll() is None
     assert health(port) == health_pb2.HealthCheckResponse.SERVING
-    assert (Path(env["COLGRID_DATA_DIR"]) / "registry.db").is_file()
+    assert Path(env["COLGRID_DATA_DIR"]).is_dir()
+    assert not (Path(env["COLGRID_DATA_DIR"]) / "registry.db").exists()  # COLGRID_REGISTRY_URL won
 
 
-def test_the_server_replaces_the_script_so_signals_reach_it(server):
-    proc, _, _ = server
+def test_the_server_replaces_the_script_so_signals_reach_it(pair):
+    proc, _, _ = pair["colgrid-a"]
     argv = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
     assert not any(b"docker-entrypoint.sh" in arg for arg in argv)
     assert b"serve" in argv
 
 
-def test_metrics_are_exported_on_the_metrics_port(server):
-    _, _, env = server
+def test_metrics_are_exported_on_the_metrics_port(pair):
+    _, _, env = pair["colgrid-a"]
     url = f"http://127.0.0.1:{env['COLGRID_METRICS_PORT']}/metrics"
     with urllib.request.urlopen(url, timeout=5) as reply:
         assert reply.status == 200
         assert "# TYPE" in reply.read().decode()
 
 
-def test_healthcheck_passes_against_a_serving_server(server):
-    _, _, env = server
+def test_healthcheck_passes_against_a_serving_server(pair):
+    _, _, env = pair["colgrid-a"]
     result = run_entrypoint("healthcheck", env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("SERVING")
 
 
-def test_sigterm_drains_and_exits_zero_within_the_grace_period(tmp_path):
-    proc, port, _ = start_server(tmp_path)
+def test_replicas_report_to_the_shared_registry_under_their_own_ids(pair):
+    with open_registry(pair["colgrid-a"][2]["COLGRID_REGISTRY_URL"]) as registry:
+        live = {r.replica_id: r.address for r in registry.list_replicas() if r.live}
+    assert set(live) == {"colgrid-a", "colgrid-b"}
+    assert {replica: address.rsplit(":", 1)[1] for replica, address in live.items()} == {
+        replica: str(port) for replica, (_, port, _) in pair.items()}
+
+
+def test_sigterm_drains_exits_zero_and_leaves_the_registry(pair):
+    # Stops colgrid-b only: the tests above use colgrid-a or run before this one.
+    proc, port, env = pair["colgrid-b"]
     started = time.monotonic()
     proc.send_signal(signal.SIGTERM)
-    code = stop(proc)
-    assert code == 0, (tmp_path / "server.log").read_text()
+    assert stop(proc) == 0
     assert time.monotonic() - started < GRACE_SECONDS + 10
     assert health(port) is None
-    assert "shutting down" in (tmp_path / "server.log").read_text()
+    with open_registry(env["COLGRID_REGISTRY_URL"]) as registry:
+        assert [r.replica_id for r in registry.list_replicas()] == ["colgrid-a"]
