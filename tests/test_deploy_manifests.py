@@ -423,7 +423,7 @@ def test_compose_runs_two_replicas_of_the_image_built_from_the_dockerfile(compos
     assert len(replicas) == 2
     ids = {s["environment"]["COLGRID_REPLICA_ID"] for s in replicas.values()}
     assert len(ids) == 2
-    for service in replicas.values():
+    for service in colgrid_services(compose).values():  # each builds it: compose never pulls it
         build = service["build"]
         assert (DEPLOY / build["context"] / build["dockerfile"]).resolve() == DEPLOY / "Dockerfile"
     host_ports = [p.split(":")[0] for s in compose["services"].values() for p in s.get("ports", [])]
