@@ -3,11 +3,13 @@ and recorded on the versions in the registry on request."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 import pytest
 
-from colgrid_client import AsyncClient, EvalQuery, FailedPreconditionError, InvalidArgumentError, NotFoundError
+from colgrid_client import (
+    AsyncClient, DeadlineExceededError, EvalQuery, FailedPreconditionError, InvalidArgumentError, NotFoundError)
 from colgrid_server.evaluation import ndcg_at, recall_at, reciprocal_rank_at
 from tests.test_evaluation_support import (  # noqa: F401 - fixtures
     DEGRADED, INDEX, JUDGED, eval_template, eval_versions, queries, rollout_documents, serving, tiny_checkpoint,
@@ -105,6 +107,21 @@ def test_the_async_client_evaluates_too(eval_versions, queries):
     with serving(eval_versions) as s:
         results = asyncio.run(run(s.target))
     assert [r.version for r in results] == ["v1", "v2"]
+
+
+def test_a_caller_that_gives_up_stops_the_run_and_nothing_is_recorded(eval_versions, queries):
+    """Thousands of searches cannot finish in 0.3 s: the deadline cancels the call, the worker
+    stops at its next query and releases the version, and the unfinished run records nothing."""
+    many = [{**queries[i % len(queries)], "query_id": f"q{i}"} for i in range(4000)]
+    with serving(eval_versions) as s:
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceededError):
+            s.client.evaluate(INDEX, many, versions=["v1", "v2"], record=True, timeout=0.3)
+        while any(v.in_flight for v in s.state.versions_held(INDEX)) and time.monotonic() - started < 5:
+            time.sleep(0.02)
+        released_after = time.monotonic() - started
+        assert s.registry.evaluations(INDEX, "v1") == [] and s.registry.evaluations(INDEX, "v2") == []
+    assert released_after < 5
 
 
 # --- refusals ----------------------------------------------------------------------------------
