@@ -32,6 +32,9 @@ from colgrid_server.search._results import TokenMatch
 from colgrid_server.search._searcher import DEFAULT_SEARCH_THREADS, _intra_op_threads, patch_refs
 
 DEFAULT_ALPHA = 0.5  # heat over page, as colpali-engine's plot_similarity_map
+# zlib level for the PNG: encoding dominates rendering. A 1224x1584 page (144 dpi letter) took
+# 83 ms / 47 KB at Pillow's default 6 and 40 ms / 71 KB at 3 (bicubic heat + blend: 28 ms).
+PNG_COMPRESS_LEVEL = 3
 
 
 @dataclass(frozen=True)
@@ -132,7 +135,7 @@ def render_explanation_png(version: LoadedVersion, doc_index: int, explanation: 
     scores = explanation.patch_scores[cells[:, 0], cells[:, 1]]
     image = render_heatmap(page, boxes, scores, alpha=alpha, boxes_size=explanation.page_size)
     out = io.BytesIO()
-    image.save(out, format="PNG")
+    image.save(out, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return out.getvalue()
 
 
