@@ -64,7 +64,7 @@ def test_round_trip_keeps_vectors_ids_and_metadata(version, arrays):
     assert (summary.documents, summary.tokens, summary.dim) == (len(ids), tokens.shape[0], DIM)
     assert loaded.doc_ids == ids
     np.testing.assert_array_equal(loaded.doc_offsets, offsets)
-    np.testing.assert_array_equal(loaded.tokens.numpy(), tokens.astype(np.float16))
+    np.testing.assert_array_equal(loaded.tokens.cpu().numpy(), tokens.astype(np.float16))
     assert loaded.metadata(7) == {"n": 7}
 
 
@@ -119,13 +119,13 @@ def test_documents_streamed_one_by_one_make_the_same_kind_of_version(tmp_path, a
     assert loaded.encoder == external_encoder_ref(DIM, normalized=True)
     assert loaded.attrs["vectors"] == {"source": "external", "normalization": "l2"}
     assert loaded.texts == [""] * len(ids) and loaded.attrs["token_spans"] is False
-    np.testing.assert_array_equal(loaded.tokens.numpy(), tokens.astype(np.float16))
+    np.testing.assert_array_equal(loaded.tokens.cpu().numpy(), tokens.astype(np.float16))
 
 
 def test_unnormalized_vectors_are_kept_as_given(tmp_path, arrays):
     tokens, offsets, ids = arrays
     loaded = open_version(_build(tmp_path / "v", tokens * 3.0, offsets, ids, normalized=False).path)
-    np.testing.assert_allclose(np.linalg.norm(loaded.tokens.float().numpy(), axis=1), 3.0, rtol=2e-3)
+    np.testing.assert_allclose(np.linalg.norm(loaded.tokens.float().cpu().numpy(), axis=1), 3.0, rtol=2e-3)
     assert loaded.normalized is False
     assert loaded.encoder == external_encoder_ref(DIM, normalized=False)
 

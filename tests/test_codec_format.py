@@ -129,7 +129,7 @@ def test_int8_decodes_within_half_a_step_of_the_stored_vectors(versions, documen
     loaded = open_version(versions["int8"], keep_codes=True)
     assert isinstance(loaded.store, Int8Tokens)
     original = np.concatenate([d.vectors for d in documents]).astype(np.float16).astype(np.float32)
-    decoded = loaded.store.decode(0, loaded.tokens_count).numpy()
+    decoded = loaded.store.decode(0, loaded.tokens_count).cpu().numpy()
     step = np.abs(original).max(axis=1, keepdims=True) / 127
     assert np.all(np.abs(decoded - original) <= step / 2 + 1e-6)
 
@@ -149,7 +149,7 @@ def test_residual_coordinates_are_bucket_values_around_the_centroid(tmp_path, co
     loaded = open_version(tmp_path / "v", keep_codes=True)
     assert isinstance(loaded.store, ResidualTokens) and not loaded.store.renormalize
     weights = zarr.open_group(str(tmp_path / "v"), mode="r")["residual_weights"][...]
-    residual = loaded.store.decode(0, loaded.tokens_count).numpy() - loaded.centroids[loaded.token_codes]
+    residual = loaded.store.decode(0, loaded.tokens_count).cpu().numpy() - loaded.centroids[loaded.token_codes]
     matches = np.abs(residual[:, :, None] - weights[None, :, :]).min(axis=2)
     assert matches.max() < 1e-6
     assert weights.shape == (DIM, 2 ** int(codec[-1]))
@@ -161,9 +161,9 @@ def test_decoding_at_load_holds_the_same_vectors_as_resident_codes(versions, cod
     resident = open_version(versions[codec], keep_codes=True)
     assert isinstance(decoded.store, DenseTokens) and not isinstance(resident.store, DenseTokens)
     n = decoded.tokens_count
-    np.testing.assert_array_equal(decoded.tokens.numpy(), resident.store.decode(0, n).to(torch.float16).numpy())
+    np.testing.assert_array_equal(decoded.tokens.cpu().numpy(), resident.store.decode(0, n).to(torch.float16).cpu().numpy())
     rows = torch.tensor([5, 0, n - 1, 5])
-    np.testing.assert_array_equal(resident.store.gather(rows).numpy(), resident.store.decode(0, n)[rows].numpy())
+    np.testing.assert_array_equal(resident.store.gather(rows).cpu().numpy(), resident.store.decode(0, n)[rows].cpu().numpy())
 
 
 def test_resident_codes_take_less_memory_than_decoded_tokens(versions):
@@ -195,7 +195,7 @@ def test_dims_that_do_not_fill_the_last_byte_round_trip(tmp_path, codec):
     write_synthetic_version(tmp_path / "v", docs, corpus.encoder, build_params={"codec": codec, "n_centroids": 8})
     loaded = open_version(tmp_path / "v", keep_codes=True)
     original = np.concatenate([d.vectors for d in docs])
-    decoded = loaded.store.decode(0, loaded.tokens_count).numpy()
+    decoded = loaded.store.decode(0, loaded.tokens_count).cpu().numpy()
     assert decoded.shape == original.shape
     assert np.mean(np.sum(decoded * original, axis=1)) > (0.97 if codec == "residual4" else 0.9)
 
@@ -215,4 +215,4 @@ def test_a_format_1_version_still_opens_as_fp16(tmp_path, versions):
     loaded = open_version(copy)
     original = open_version(versions["fp16"])
     assert loaded.codec == "fp16" and loaded.token_codes.dtype == np.int32
-    np.testing.assert_array_equal(loaded.tokens.numpy(), original.tokens.numpy())
+    np.testing.assert_array_equal(loaded.tokens.cpu().numpy(), original.tokens.cpu().numpy())

@@ -51,7 +51,7 @@ def _tokens(query: np.ndarray) -> list[str]:
 
 def _decoded_documents(version: LoadedVersion) -> list[np.ndarray]:
     """Every document's vectors as the version serves them (float32)."""
-    decoded = version.store.decode(0, version.tokens_count).numpy()
+    decoded = version.store.decode(0, version.tokens_count).cpu().numpy()
     offsets = version.doc_offsets
     return [decoded[offsets[i] : offsets[i + 1]] for i in range(version.documents)]
 
@@ -77,9 +77,9 @@ def test_kernel_over_resident_codes_matches_the_reference_across_block_boundarie
     pick = np.array([7, 3, 999, 7, 500, 0])
     query = queries[5]
     scores = maxsim_scores(torch.from_numpy(query), version.store, version.doc_offsets, pick, block_tokens=5)
-    np.testing.assert_allclose(scores.numpy(), reference_maxsim(query, [decoded[i] for i in pick]), atol=1e-5)
+    np.testing.assert_allclose(scores.cpu().numpy(), reference_maxsim(query, [decoded[i] for i in pick]), atol=1e-5)
     explanation = maxsim_explain(torch.from_numpy(query), version.store, version.doc_offsets, pick, block_tokens=5)
-    np.testing.assert_allclose(explanation.similarity.sum(dim=1).numpy(), scores.numpy(), atol=1e-5)
+    np.testing.assert_allclose(explanation.similarity.sum(dim=1).cpu().numpy(), scores.cpu().numpy(), atol=1e-5)
 
 
 @pytest.mark.parametrize("codec", COMPRESSED)

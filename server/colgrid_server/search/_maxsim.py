@@ -177,6 +177,9 @@ class _Layout:
         self.device = device
 
     def blocks(self, block_tokens: int) -> Iterator[_Block]:
+        if self.device.type == "cuda":
+            yield from self._device_blocks(block_tokens)
+            return
         total = int(self.cum[-1])
         for begin in range(0, total, block_tokens):
             end = min(total, begin + block_tokens)
@@ -190,6 +193,29 @@ class _Layout:
                 segments=torch.from_numpy(seg).to(self.device),
                 within_doc=torch.from_numpy(within).to(self.device),
             )
+
+
+    def _device_blocks(self, block_tokens: int) -> Iterator[_Block]:
+        """The same blocks computed on the GPU (no padding: no oneDNN shape cache there): only
+        the per-document starts and lengths cross the bus, not a row index per token."""
+        total = int(self.cum[-1])
+        if total == 0:
+            return
+        starts = torch.from_numpy(self.starts).to(self.device, non_blocking=True)
+        cum = torch.from_numpy(self.cum).to(self.device, non_blocking=True)
+        for begin in range(0, total, block_tokens):
+            end = min(total, begin + block_tokens)
+            # Documents overlapping [begin, end): their token ranges clipped to the block.
+            first = int(np.searchsorted(self.cum, begin, side="right")) - 1
+            last = int(np.searchsorted(self.cum, end, side="left"))
+            docs = torch.arange(first, last, device=self.device)
+            lo = torch.clamp(cum[first:last], min=begin)
+            hi = torch.clamp(cum[first + 1:last + 1], max=end)
+            counts = hi - lo
+            seg = torch.repeat_interleave(docs, counts, output_size=end - begin)
+            pos = torch.arange(begin, end, device=self.device)
+            within = pos - cum[seg]
+            yield _Block(rows=starts[seg] + within, segments=seg, within_doc=within)
 
 
 def _query_t(query: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
