@@ -35,13 +35,18 @@ def tiny_colqwen2(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_colqwen2, mixed_sources_dir):
-    """`pages`: one vector per patch; `pooled`: pool factor 2 (a vector stands for 1-3 patches)."""
+    """`pages`: one vector per patch; `pooled`: pool factor 2 (a vector stands for 1-3 patches).
+    Both serve v1."""
     data_dir = tmp_path_factory.mktemp("explain-served")
     with open_registry(DataDir(data_dir).registry_file) as registry:
         for name, factor in (("pages", 1), ("pooled", 2)):
             build_index_from_sources(DataDir(data_dir), registry, name, iter_sources(mixed_sources_dir, pdf_dpi=36),
                                      encoder_dir=tiny_colqwen2, pool_factor=factor,
                                      build_params={"n_centroids": 16}, progress=False)
+        # pages/v2: READY but never routed to, so this server does not load it
+        build_index_from_sources(DataDir(data_dir), registry, "pages", iter_sources(mixed_sources_dir / "notes.txt"),
+                                 encoder_dir=tiny_colqwen2, activate=False, build_params={"n_centroids": 4},
+                                 progress=False)
     live, thread = start_live_server(data_dir)
     yield live
     stop_live_server(live, thread)
@@ -205,6 +210,11 @@ def test_text_document_has_character_spans_and_no_grid_or_png(client, doc_id):
 def test_a_named_loaded_version_answers(client):
     explanation = client.explain("pooled", "chart.png", QUERY, version="v1")
     assert explanation.version == "v1"
+
+
+def test_a_named_version_not_loaded_here_fails_precondition(client):
+    with pytest.raises(FailedPreconditionError, match="v2 is not loaded on this server"):
+        client.explain("pages", "notes.txt", QUERY, version="v2")
 
 
 def test_async_client_explains_too(server):
