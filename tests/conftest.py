@@ -150,7 +150,7 @@ def colqwen2_encoder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("tiny-colqwen2")
     checkpoint = build_tiny_colqwen2(root / "ckpt", seed=0)
-    return export_colqwen2(checkpoint, root / "encoder", progress=False).directory
+    return export_colqwen2(checkpoint, root / "encoder", progress=False).path
 
 
 @pytest.fixture(scope="session")

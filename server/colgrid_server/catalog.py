@@ -7,6 +7,7 @@ from pathlib import Path
 
 from colgrid_server.encoders import encoder_id, load_any_encoder
 from colgrid_server.errors import NotFound
+from colgrid_server.encoders.batching import BatchingEncoder
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class EncoderCatalog:
         if cached is not None:
             return cached
         path = self.path_for(ident)
-        encoder = load_any_encoder(path, threads=self._threads)
+        # Single-query encodes from concurrent requests share model runs (encoders/batching.py).
+        encoder = BatchingEncoder(load_any_encoder(path, threads=self._threads))
         with self._lock:
             return self._loaded.setdefault(ident, encoder)
