@@ -126,7 +126,7 @@ def test_opening_an_empty_database_applies_every_migration(postgres_url: str) ->
 
 def test_reopening_applies_no_migration_twice(postgres_url: str) -> None:
     open_registry(postgres_url).close()
-    open_registry(postgres_url.replace("postgresql://", "postgres://")).close()
+    open_registry(postgres_url.replace("postgresql://", "POSTGRES://")).close()
     assert applied(postgres_url) == list(range(1, SCHEMA_VERSION + 1))
 
 
@@ -225,6 +225,21 @@ def test_an_unreachable_server_fails_at_open_with_a_registry_error_without_the_p
             as caught:
         open_registry("postgresql://bob:hunter2@127.0.0.1:1/x")
     assert "hunter2" not in str(caught.value)
+
+
+@pytest.mark.parametrize("may_use_schema, refusal", [(True, "permission denied for schema"),
+                                                     (False, "no schema has been selected")])
+def test_a_user_without_the_right_to_create_tables_gets_a_registry_error_saying_so(
+        postgres_url: str, may_use_schema: bool, refusal: str) -> None:
+    with admin(postgres_url) as conn:
+        if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = 'colgrid_reader'").fetchone() is None:
+            conn.execute("CREATE ROLE colgrid_reader LOGIN")
+        if may_use_schema:
+            conn.execute(conn.execute("SELECT format('GRANT USAGE ON SCHEMA %I TO colgrid_reader', "
+                                      "current_schema())").fetchone()[0])
+    with pytest.raises(RegistryError, match=f"{refusal}.*must be able to create tables"):
+        open_registry(postgres_url.replace("postgresql://postgres@", "postgresql://colgrid_reader@"))
+    assert tables(postgres_url) == set()
 
 
 def test_placeholders_become_psycopg_ones_and_literals_stay() -> None:

@@ -104,6 +104,11 @@ def translate(sql: str) -> str:
     return _TOKENS.sub(lambda m: {"?": "%s", "%": "%%"}.get(m.group(0), m.group(0)), sql)
 
 
+def _why(exc: psycopg.Error) -> str:
+    """The server's one-line message (str() adds the statement and a caret on more lines)."""
+    return (exc.diag.message_primary if isinstance(exc, psycopg.DatabaseError) else None) or str(exc).strip()
+
+
 class PostgresConnection:
     """One transaction's view of a connection: `execute` takes the registry's SQL as written."""
 
@@ -121,6 +126,8 @@ class PostgresDatabase:
     def __init__(self, url: str, *, busy_timeout_s: float = 10.0, pool_size: int = POOL_SIZE) -> None:
         if not is_postgres_url(url):
             raise RegistryError(f"not a PostgreSQL URL: {redact(url)!r} (expected postgresql://user@host/db)")
+        scheme, _, rest = url.partition("://")
+        url = f"{scheme.lower()}://{rest}"  # libpq knows the lower-case schemes only
         self.url = url
         self._location = redact(url)
         self._busy_timeout_s = busy_timeout_s
@@ -163,10 +170,14 @@ class PostgresDatabase:
                 conn.execute("COMMIT")
             except _UNAVAILABLE as exc:
                 raise RegistryError(f"lost registry database {self._location} while committing; the change "
-                                    f"may or may not have been applied: re-read and retry ({exc})") from exc
+                                    f"may or may not have been applied: re-read and retry ({_why(exc)})") from exc
             reusable = True
         except _UNAVAILABLE as exc:
-            raise RegistryError(f"registry database {self._location} failed a transaction: {exc}") from exc
+            raise RegistryError(f"registry database {self._location} failed a transaction: {_why(exc)}") from exc
+        except (errors.InsufficientPrivilege, errors.InvalidSchemaName) as exc:
+            raise RegistryError(f"registry database {self._location} refused: {_why(exc)}; the URL's user must be "
+                                f"able to create tables in the database (or in the existing schema its "
+                                f"search_path names) and to read and write them") from exc
         finally:
             self._release(conn, reusable=reusable)
 
@@ -247,7 +258,7 @@ class PostgresDatabase:
                 dead = conn.closed or conn.broken
                 self._abandon(conn)
                 if not dead:
-                    raise RegistryError(f"registry database {self._location} refused a transaction: {exc}") from exc
+                    raise RegistryError(f"registry database {self._location} refused a transaction: {_why(exc)}") from exc
                 last = exc
         raise RegistryError(f"registry database {self._location} keeps dropping connections: {last}") from last
 
