@@ -1,0 +1,146 @@
+"""fast-plaid side of bench_fastplaid.py, run with the separate virtualenv's python (fast-plaid
+pins its own torch, which the colgrid venv cannot share). Imports nothing from colgrid.
+
+    python _fastplaid_worker.py build --vectors DIR --index DIR --nbits 4 --threads 2 --record FILE
+    python _fastplaid_worker.py serve --vectors DIR --index DIR [--index DIR ...] --threads 1
+
+`build` indexes vectors/tokens.npy (float16, split by doc_offsets.npy) with FastPlaid.create and
+its default build knobs, and writes the build figures to --record. `serve` loads the indexes and
+answers one JSON request per stdin line with one JSON line on stdout:
+
+    {"op": "search", "query": i, "settings": [[name, n_ivf_probe, n_full_scores], ...]}
+        -> {"results": [{"ids": [...], "seconds": s}, ...]}   (one query, each setting in order)
+    {"op": "threads", "n": 2}  -> {"threads": 2}
+    {"op": "quit"}
+
+The timed span is the public FastPlaid.search call alone, one query, n_processes=1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bytes_on_disk(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def set_threads(n: int) -> None:
+    # Intra-op threads for libtorch (fast-plaid's kernels are libtorch ops); rayon reads its
+    # variable once, so the parent also sets RAYON_NUM_THREADS before starting this process.
+    torch.set_num_threads(n)
+
+
+def build(args: argparse.Namespace) -> None:
+    from fast_plaid import search
+
+    set_threads(args.threads)
+    vectors = Path(args.vectors)
+    tokens = torch.from_numpy(np.load(vectors / "tokens.npy"))
+    offsets = np.load(vectors / "doc_offsets.npy")
+    docs = [tokens[int(s):int(e)] for s, e in zip(offsets[:-1], offsets[1:])]
+    index = Path(args.index)
+    started = time.perf_counter()
+    fp = search.FastPlaid(index=str(index), device="cpu")
+    fp.create(documents_embeddings=docs, nbits=args.nbits)
+    seconds = time.perf_counter() - started
+    meta = json.loads((index / "metadata.json").read_text())
+    record = {
+        "nbits": args.nbits,
+        "documents": len(docs),
+        "tokens": int(tokens.shape[0]),
+        "build_s": seconds,
+        "threads": args.threads,
+        "bytes_on_disk": bytes_on_disk(index),
+        "peak_rss_mb": peak_rss_mb(),
+        "metadata": meta,
+        "knobs": "FastPlaid.create defaults (kmeans_niters=4, max_points_per_centroid=256, seed=42) but nbits",
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    Path(args.record).write_text(json.dumps(record, indent=2))
+
+
+def load_queries(vectors: Path) -> list[torch.Tensor]:
+    flat = np.load(vectors / "queries.npy")
+    offsets = np.load(vectors / "query_offsets.npy")
+    return [torch.from_numpy(np.ascontiguousarray(flat[s:e])).to(torch.float16) for s, e in zip(offsets[:-1], offsets[1:])]
+
+
+def serve(args: argparse.Namespace) -> None:
+    from fast_plaid import search
+
+    set_threads(args.threads)
+    queries = load_queries(Path(args.vectors))
+    indexes: dict[str, Any] = {}
+    loads: dict[str, float] = {}
+    for path in args.index:
+        started = time.perf_counter()
+        fp = search.FastPlaid(index=path, device="cpu")
+        fp.search(queries_embeddings=queries[0], top_k=10, show_progress=False, n_processes=1)  # loads lazily
+        loads[Path(path).name] = time.perf_counter() - started
+        indexes[Path(path).name] = fp
+    reply({"ready": True, "load_s": loads, "torch": torch.__version__, "fast_plaid": _version(),
+           "threads": torch.get_num_threads(), "peak_rss_mb": peak_rss_mb()})
+    for line in sys.stdin:
+        request = json.loads(line)
+        if request["op"] == "quit":
+            break
+        if request["op"] == "threads":
+            set_threads(int(request["n"]))
+            reply({"threads": torch.get_num_threads()})
+            continue
+        query = queries[int(request["query"])]
+        results = []
+        for name, probe, full in request["settings"]:
+            fp = indexes[name]
+            started = time.perf_counter()
+            hits = fp.search(queries_embeddings=query, top_k=int(request.get("k", 10)), n_ivf_probe=int(probe),
+                             n_full_scores=int(full), show_progress=False, n_processes=1)[0]
+            seconds = time.perf_counter() - started
+            results.append({"ids": [int(doc) for doc, _ in hits], "seconds": seconds})
+        reply({"results": results, "peak_rss_mb": peak_rss_mb()})
+
+
+def _version() -> str:
+    from importlib.metadata import version
+
+    return version("fast-plaid")
+
+
+def reply(obj: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build")
+    b.add_argument("--vectors", required=True)
+    b.add_argument("--index", required=True)
+    b.add_argument("--nbits", type=int, default=4)
+    b.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    b.add_argument("--record", required=True)
+    s = sub.add_parser("serve")
+    s.add_argument("--vectors", required=True)
+    s.add_argument("--index", action="append", required=True)
+    s.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    build(args) if args.command == "build" else serve(args)
+
+
+if __name__ == "__main__":
+    main()
