@@ -19,6 +19,7 @@ from colgrid_client._errors import (
 )
 from colgrid_client._sync import Client
 from colgrid_client._types import EvalQuery, PromotePolicy, VersionEvaluation
+from colgrid_client._types import IngestDoc, IngestError, IngestProgress, IngestResult
 from colgrid_client._types import Explanation
 from colgrid_client._types import (
     Hit, IndexInfo, Matrix, PatchRef, Rollout, SearchResult, SearchStats, TokenMatch, Version, VersionState,
@@ -46,6 +47,10 @@ __all__ = [
     "EvalQuery",
     "VersionEvaluation",
     "PromotePolicy",
+    "IngestDoc",
+    "IngestResult",
+    "IngestProgress",
+    "IngestError",
     # errors
     "ColgridError",
     "InvalidArgumentError",

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -15,6 +16,7 @@ from colgrid_client import _convert as convert
 from colgrid_client._types import AuditEntry, IndexInfo, Matrix, RolloutStatus, SearchResult, Version
 from colgrid_client._types import Explanation
 from colgrid_client._types import EvalQuery, PromotePolicy, VersionEvaluation
+from colgrid_client._types import IngestDoc, IngestOptions, IngestProgress, IngestResult
 
 T = TypeVar("T")
 
@@ -110,6 +112,30 @@ class AsyncClient:
     async def get_version(self, index: str, version: str, *,
                           timeout: float | None = None) -> Version:
         return await self._unary(base.get_version(index, version), timeout)
+
+    # --- ingestion -----------------------------------------------------------------------------
+
+    async def ingest(self, index: str, documents: Iterable[IngestDoc | Mapping[str, Any]]
+                     | AsyncIterable[IngestDoc | Mapping[str, Any]], *,
+                     encoder_id: str | None = None, codec: str = "fp16", activate: bool = False,
+                     pool_factor: int = 1, external_vectors: bool = False, pdf_dpi: int = 0,
+                     n_centroids: int = 0, actor: str = "",
+                     on_progress: Callable[[IngestProgress], Any] | None = None,
+                     timeout: float | None = None) -> IngestResult:
+        """See `Client.ingest`; `documents` may also be an async iterable."""
+        stream = base.IngestStream(IngestOptions(index, encoder_id or "", codec, activate, pool_factor,
+                                                 external_vectors, pdf_dpi, n_centroids, actor), on_progress)
+        call = self._stubs.ingest.Ingest(stream.arequests(documents), timeout=self._deadline(timeout).remaining(),
+                                         metadata=stream.metadata)
+        stream.bind(call.cancel)
+        try:
+            async for message in call:
+                stream.accept(message)
+        except grpc.RpcError as exc:
+            raise stream.error(exc) from exc
+        finally:
+            call.cancel()  # no-op once finished; stops the build if the caller stops early
+        return stream.finish()
 
     # --- evaluation ----------------------------------------------------------------------------
 

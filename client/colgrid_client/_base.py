@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import threading
 import time
 import uuid
 from collections import deque
@@ -18,8 +19,10 @@ import grpc
 
 from colgrid_client import _convert as convert
 from colgrid_client._errors import REQUEST_ID_KEY, ColgridError, InternalError
+from colgrid_client._errors import from_rpc_error
 from colgrid_client._pb import colgrid_pb2_grpc as pb_grpc
 from colgrid_client._types import AuditEntry, IndexInfo, Matrix, RolloutStatus, SearchResult, Version
+from colgrid_client._types import IngestError, IngestOptions, IngestProgress, IngestResult
 
 T = TypeVar("T")
 DEFAULT_TARGET = "localhost:50051"
@@ -283,3 +286,93 @@ class SearchStream:
         if self._pending:
             raise InternalError(f"stream ended with {len(self._pending)} queries unanswered",
                                 request_id=self.in_flight_id)
+
+
+class IngestStream:
+    """Bookkeeping for one Ingest call: its requests (the options, then one per document, built
+    lazily as the caller's iterable is consumed, so it may be a generator over a large corpus),
+    the progress messages in order, and the result.
+
+    A document that cannot become a request must not end the request side cleanly: the server
+    would build a version from the documents before it. The call is cancelled instead (nothing
+    is published) and `finish()` / `error()` give the input's own error.
+    """
+
+    def __init__(self, options: IngestOptions, on_progress: Callable[[IngestProgress], Any] | None) -> None:
+        self._options = convert.ingest_request(options)  # fail fast on bad options, before any I/O
+        self.request_id = new_request_id()
+        self._on_progress = on_progress
+        self._input_error: BaseException | None = None
+        self._cancel: Callable[[], Any] | None = None
+        self._bound = threading.Event()
+        self._errors: list[IngestError] = []
+        self._last: IngestProgress | None = None
+        self._messages = 0
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return ((REQUEST_ID_KEY, self.request_id),)
+
+    def bind(self, cancel: Callable[[], Any]) -> None:
+        """The call's cancel, once the call exists (the request thread may wait for it)."""
+        self._cancel = cancel
+        self._bound.set()
+
+    def _abandon(self, exc: BaseException) -> None:
+        self._input_error = exc
+        self._bound.wait(60)
+        if self._cancel is not None:
+            self._cancel()
+
+    def requests(self, documents: Iterable[Any]) -> Iterator[Any]:
+        yield self._options
+        try:
+            for doc in documents:
+                yield _document_request(doc)
+        except Exception as exc:  # noqa: BLE001 - re-raised to the caller by finish()
+            self._abandon(exc)
+
+    async def arequests(self, documents: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[Any]:
+        yield self._options
+        try:
+            if isinstance(documents, AsyncIterable):
+                async for doc in documents:
+                    yield _document_request(doc)
+            else:
+                for doc in documents:
+                    yield _document_request(doc)
+        except Exception as exc:  # noqa: BLE001 - re-raised to the caller by finish()
+            self._input_error = exc
+            if self._cancel is not None:  # bound synchronously right after the call was made
+                self._cancel()
+
+    def accept(self, message: Any) -> IngestProgress:
+        progress = convert.from_ingest_progress(message)
+        self._messages += 1
+        self._errors.extend(progress.errors)
+        self._last = progress
+        if self._on_progress is not None:
+            self._on_progress(progress)
+        return progress
+
+    def error(self, exc: grpc.RpcError) -> BaseException:
+        """What the caller sees for a failed call: the input's error if a document caused it."""
+        if self._input_error is not None:
+            return self._input_error
+        return from_rpc_error(exc, request_id=self.request_id)
+
+    def finish(self) -> IngestResult:
+        if self._input_error is not None:
+            raise self._input_error
+        last = self._last
+        if last is None or last.stage != "ready" or last.version is None:
+            raise InternalError("the ingest stream ended without a READY version", request_id=self.request_id)
+        return IngestResult(version=last.version, errors=tuple(self._errors), received=last.received,
+                            encoded=last.encoded, failed=last.failed, elapsed_s=last.elapsed_s,
+                            progress_messages=self._messages)
+
+
+def _document_request(doc: Any) -> Any:
+    if isinstance(doc, IngestOptions):
+        raise convert.invalid("documents", "options go in the ingest() keywords, not among the documents")
+    return convert.ingest_request(doc)

@@ -20,6 +20,7 @@ from colgrid_client._types import (
     PatchRef, SearchStats, ServingVersion, ShadowStats, TokenMatch, Version, VersionState,
 )
 from colgrid_client._types import EvalQuery, PromotePolicy, VersionEvaluation
+from colgrid_client._types import IngestDoc, IngestError, IngestOptions, IngestProgress
 from colgrid_client._types import Explanation
 
 _LITTLE_ENDIAN = sys.byteorder == "little"
@@ -359,6 +360,72 @@ def rollout_history_request(index: str, limit: int = 0) -> pb.RolloutHistoryRequ
     return pb.RolloutHistoryRequest(index=_text("index", index), limit=_uint("limit", limit))
 
 
+# --- ingestion: options first, then documents, each its own IngestRequest ------------------------
+
+INGEST_KINDS = ("text", "image", "pdf", "vectors")
+
+
+def ingest_request(item: IngestOptions | IngestDoc | Mapping[str, Any]) -> pb.IngestRequest:
+    """The request carrying `item`: the stream's options, or one document (an IngestDoc or a
+    dict {"id", one of "text"/"image"/"pdf"/"vectors", "metadata"?, "filename"?})."""
+    if isinstance(item, IngestOptions):
+        return pb.IngestRequest(options=ingest_options(item))
+    return pb.IngestRequest(document=ingest_document(item))
+
+
+def ingest_options(options: IngestOptions) -> pb.IngestOptions:
+    codec = _text("codec", options.codec)
+    return pb.IngestOptions(index=_text("index", options.index), encoder_id=_text("encoder_id", options.encoder_id or ""),
+                            codec="" if codec == "fp16" else codec, activate=bool(options.activate),
+                            pool_factor=_uint("pool_factor", options.pool_factor),
+                            external_vectors=bool(options.external_vectors),
+                            pdf_dpi=_uint("pdf_dpi", options.pdf_dpi or 0),
+                            n_centroids=_uint("n_centroids", options.n_centroids or 0),
+                            actor=_text("actor", options.actor))
+
+
+def ingest_document(doc: IngestDoc | Mapping[str, Any]) -> pb.IngestDocument:
+    if isinstance(doc, Mapping):
+        doc = _ingest_doc_of(doc)
+    if not isinstance(doc, IngestDoc):
+        raise invalid("documents", f"each document must be an IngestDoc or a dict, got {type(doc).__name__}")
+    message = pb.IngestDocument(id=_text("documents.id", doc.id), filename=_text("documents.filename", doc.filename))
+    if doc.kind == "text":
+        message.text = _text("documents.text", doc.content)
+    elif doc.kind in ("image", "pdf"):
+        if not isinstance(doc.content, (bytes, bytearray, memoryview)):
+            raise invalid(f"documents.{doc.kind}", f"document {doc.id!r}: {doc.kind} content must be bytes, "
+                                                   f"got {type(doc.content).__name__}")
+        setattr(message, doc.kind, bytes(doc.content))
+    elif doc.kind == "vectors":
+        try:
+            message.vectors.CopyFrom(to_multi_vector(doc.content))
+        except InvalidArgumentError as exc:
+            raise invalid("documents.vectors", f"document {doc.id!r}: {exc.details}") from exc
+    else:
+        raise invalid("documents.kind", f"document {doc.id!r} has kind {doc.kind!r}; one of {', '.join(INGEST_KINDS)}")
+    if doc.metadata:
+        try:
+            message.metadata.update(dict(doc.metadata))
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise invalid("documents.metadata", f"document {doc.id!r}: metadata must hold JSON values "
+                                                f"(str, number, bool, None, lists, dicts): {exc}") from exc
+    return message
+
+
+def _ingest_doc_of(value: Mapping[str, Any]) -> IngestDoc:
+    unknown = set(value) - {"id", "metadata", "filename", *INGEST_KINDS}
+    if unknown:
+        raise invalid("documents", f"unknown document keys {sorted(unknown)}; allowed: id, text, image, pdf, "
+                                   f"vectors, metadata, filename")
+    kinds = [kind for kind in INGEST_KINDS if value.get(kind) is not None]
+    if len(kinds) != 1:
+        raise invalid("documents", f"document {value.get('id')!r} must have exactly one of text, image, pdf, vectors; "
+                                   f"got {kinds or 'none'}")
+    return IngestDoc(value.get("id", ""), kinds[0], value[kinds[0]], dict(value.get("metadata") or {}),
+                     value.get("filename", ""))
+
+
 def _uint(field: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _UINT32_MAX:
         raise invalid(field, f"{field} must be a non-negative integer (0 = server default), "
@@ -565,3 +632,29 @@ def _from_value(value: struct_pb2.Value) -> Any:
     if kind in ("string_value", "bool_value"):
         return getattr(value, kind)
     return None
+
+
+# --- ingestion ---------------------------------------------------------------------------------
+
+def from_ingest_options(message: pb.IngestOptions) -> IngestOptions:
+    return IngestOptions(index=message.index, encoder_id=message.encoder_id, codec=message.codec or "fp16",
+                         activate=message.activate, pool_factor=message.pool_factor or 1,
+                         external_vectors=message.external_vectors, pdf_dpi=message.pdf_dpi,
+                         n_centroids=message.n_centroids, actor=message.actor)
+
+
+def from_ingest_document(message: pb.IngestDocument) -> IngestDoc:
+    kind = message.WhichOneof("content") or ""
+    content = from_multi_vector(message.vectors) if kind == "vectors" else getattr(message, kind, None) if kind else None
+    return IngestDoc(message.id, kind, content, from_struct(message.metadata), message.filename)
+
+
+def from_ingest_error(message: pb.IngestError) -> IngestError:
+    return IngestError(document=message.document, code=message.code, message=message.message)
+
+
+def from_ingest_progress(message: pb.IngestProgress) -> IngestProgress:
+    return IngestProgress(stage=message.stage, received=message.received, encoded=message.encoded,
+                          failed=message.failed, errors=tuple(from_ingest_error(e) for e in message.errors),
+                          elapsed_s=message.elapsed_s,
+                          version=from_version(message.version) if message.HasField("version") else None)

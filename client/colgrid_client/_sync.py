@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -15,6 +16,7 @@ from colgrid_client import _convert as convert
 from colgrid_client._types import AuditEntry, IndexInfo, Matrix, RolloutStatus, SearchResult, Version
 from colgrid_client._types import Explanation
 from colgrid_client._types import EvalQuery, PromotePolicy, VersionEvaluation
+from colgrid_client._types import IngestDoc, IngestOptions, IngestProgress, IngestResult
 
 T = TypeVar("T")
 
@@ -126,6 +128,44 @@ class Client:
 
     def get_version(self, index: str, version: str, *, timeout: float | None = None) -> Version:
         return self._unary(base.get_version(index, version), timeout)
+
+    # --- ingestion -----------------------------------------------------------------------------
+
+    def ingest(self, index: str, documents: Iterable[IngestDoc | Mapping[str, Any]], *,
+               encoder_id: str | None = None, codec: str = "fp16", activate: bool = False,
+               pool_factor: int = 1, external_vectors: bool = False, pdf_dpi: int = 0,
+               n_centroids: int = 0, actor: str = "",
+               on_progress: Callable[[IngestProgress], Any] | None = None,
+               timeout: float | None = None) -> IngestResult:
+        """Stream `documents` to the server and build a new version of `index` (created if
+        new) from them; returns the READY version, the documents refused and the counts.
+
+        A document is an IngestDoc (`IngestDoc.text(id, text)`, `.image(id, png_bytes)`,
+        `.pdf(id, pdf_bytes)` whose pages become "<id>#p<page>", `.file(path)`, or
+        `.vectors(id, matrix)` with external_vectors=True) or a dict with the same fields
+        ({"id", "text" | "image" | "pdf" | "vectors", "metadata"?, "filename"?}); `documents`
+        is consumed lazily, so it may be a generator. A document the server cannot index
+        (corrupt image, encrypted PDF, duplicate id...) is reported in `IngestResult.errors`
+        and skipped. `encoder_id`: default the stable version's encoder, else the server's
+        bundled one. `activate` makes the version stable (an index's first version always is).
+        `on_progress(IngestProgress)` sees every progress message; raising from it cancels the
+        ingest. Failing calls raise (nothing is published): InvalidArgumentError (bad options,
+        vectors that do not fit, no document indexable), NotFoundError (unknown encoder_id),
+        ResourceExhaustedError (over the server's max_ingest_documents). `timeout` bounds the
+        whole stream (default: the client's): give large ingests a longer one."""
+        stream = base.IngestStream(IngestOptions(index, encoder_id or "", codec, activate, pool_factor,
+                                                 external_vectors, pdf_dpi, n_centroids, actor), on_progress)
+        call = self._stubs.ingest.Ingest(stream.requests(documents), timeout=self._deadline(timeout).remaining(),
+                                         metadata=stream.metadata)
+        stream.bind(call.cancel)
+        try:
+            for message in call:
+                stream.accept(message)
+        except grpc.RpcError as exc:
+            raise stream.error(exc) from exc
+        finally:
+            call.cancel()  # no-op once finished; stops the build if the caller stops early
+        return stream.finish()
 
     # --- evaluation ----------------------------------------------------------------------------
 

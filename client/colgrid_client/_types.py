@@ -401,3 +401,118 @@ class AuditEntry:
     reason: str
     before: Rollout
     after: Rollout
+
+
+# --- ingestion ---------------------------------------------------------------------------------
+
+# File suffixes `IngestDoc.file` reads, and as what.
+INGEST_TEXT_SUFFIXES = frozenset({".txt", ".md", ".markdown"})
+INGEST_IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp"})
+INGEST_PDF_SUFFIXES = frozenset({".pdf"})
+
+
+@dataclass(frozen=True)
+class IngestDoc:
+    """One document for `Client.ingest`; build it with `IngestDoc.text`, `.image`, `.pdf`,
+    `.file` or `.vectors`. A PDF becomes one document per page, "<id>#p<page>" (1-based).
+    `content` is the text (str), the image or PDF bytes, or the multi-vector (a Matrix, a list
+    of rows, or a numpy/torch matrix). `metadata` (JSON values) is stored with the document;
+    `filename` names it in errors and is kept in its metadata."""
+
+    id: str
+    kind: str                  # text | image | pdf | vectors
+    content: Any = field(repr=False, compare=False)
+    metadata: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    filename: str = ""
+
+    @classmethod
+    def text(cls, id: str, text: str, metadata: Mapping[str, Any] | None = None, *,
+             filename: str = "") -> IngestDoc:
+        return cls(id, "text", text, dict(metadata or {}), filename)
+
+    @classmethod
+    def image(cls, id: str, data: bytes, metadata: Mapping[str, Any] | None = None, *,
+              filename: str = "") -> IngestDoc:
+        """PNG, JPEG, TIFF (every frame a page) or WebP bytes."""
+        return cls(id, "image", bytes(data), dict(metadata or {}), filename)
+
+    @classmethod
+    def pdf(cls, id: str, data: bytes, metadata: Mapping[str, Any] | None = None, *,
+            filename: str = "") -> IngestDoc:
+        return cls(id, "pdf", bytes(data), dict(metadata or {}), filename)
+
+    @classmethod
+    def vectors(cls, id: str, matrix: Any, metadata: Mapping[str, Any] | None = None) -> IngestDoc:
+        """A multi-vector computed elsewhere (ingest with external_vectors=True)."""
+        return cls(id, "vectors", matrix, dict(metadata or {}))
+
+    @classmethod
+    def file(cls, path: str | PathLike[str], id: str | None = None,
+             metadata: Mapping[str, Any] | None = None) -> IngestDoc:
+        """A file read by its suffix: .txt/.md text (UTF-8), an image, or a PDF. `id` defaults to
+        the file's name. ValueError for any other suffix."""
+        path = Path(path)
+        suffix = path.suffix.lower()
+        doc_id = path.name if id is None else id
+        if suffix in INGEST_TEXT_SUFFIXES:
+            return cls.text(doc_id, path.read_bytes().decode("utf-8-sig"), metadata, filename=path.name)
+        if suffix in INGEST_IMAGE_SUFFIXES:
+            return cls.image(doc_id, path.read_bytes(), metadata, filename=path.name)
+        if suffix in INGEST_PDF_SUFFIXES:
+            return cls.pdf(doc_id, path.read_bytes(), metadata, filename=path.name)
+        supported = ", ".join(sorted(INGEST_TEXT_SUFFIXES | INGEST_IMAGE_SUFFIXES | INGEST_PDF_SUFFIXES))
+        raise ValueError(f"{path}: {suffix or 'no suffix'!r} files cannot be ingested; supported: {supported}")
+
+
+@dataclass(frozen=True)
+class IngestOptions:
+    """How `Client.ingest` builds the version (IngestOptions in the proto)."""
+
+    index: str
+    encoder_id: str = ""       # "": the stable version's encoder, else the server's bundled one
+    codec: str = "fp16"        # fp16 | int8 | residual4 | residual2
+    activate: bool = False     # make the version stable when READY (an index's first: always)
+    pool_factor: int = 1       # image documents: hierarchical token pooling (1: off)
+    external_vectors: bool = False
+    pdf_dpi: int = 0           # 0: the server's default
+    n_centroids: int = 0       # 0: chosen from the token count
+    actor: str = ""
+
+
+@dataclass(frozen=True)
+class IngestError:
+    """A document the server could not index; the rest of the stream still was. `code` is
+    stable: corrupt_image, image_too_large, pdf_truncated, pdf_encrypted, pdf_empty,
+    pdf_too_many_pages, unsupported_type, unsupported_by_encoder, duplicate_id, invalid_document…"""
+
+    document: str
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class IngestProgress:
+    """One progress message: stage (receiving | encoding | clustering | writing | ready |
+    failed), counts so far, the errors since the previous message, and on `ready` the version."""
+
+    stage: str
+    received: int = 0          # inputs seen (a PDF counts its pages once rendered)
+    encoded: int = 0
+    failed: int = 0
+    errors: tuple[IngestError, ...] = ()
+    elapsed_s: float = 0.0
+    version: Version | None = None
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What `Client.ingest` built: the READY version, every refused document, and the counts
+    (received == encoded + failed)."""
+
+    version: Version
+    errors: tuple[IngestError, ...] = ()
+    received: int = 0
+    encoded: int = 0
+    failed: int = 0
+    elapsed_s: float = 0.0
+    progress_messages: int = 0

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from colgrid_server.cli_eval import add_eval_verb
+from colgrid_server.cli_ingest import add_ingest_verb
 from colgrid_server.cli_explain import add_explain_verb
 from colgrid_server.cli_rollout import add_rollout_verbs
 
@@ -356,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_rollout_verbs(verbs, client_opts)
     add_explain_verb(verbs, client_opts)
     add_eval_verb(verbs, client_opts)
+    add_ingest_verb(verbs, client_opts)
     return parser
 
 

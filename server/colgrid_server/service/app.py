@@ -27,6 +27,7 @@ from colgrid_server.serving import Replica, ServingState, default_replica_id
 from colgrid_server.serving._replica import advertised_host
 from colgrid_server.service.encode_rpc import EncodeService
 from colgrid_server.service.evaluate_rpc import EvaluationService
+from colgrid_server.service.ingest_rpc import IngestService
 from colgrid_server.service.registry_rpc import RegistryService
 from colgrid_server.service.rollout_rpc import RolloutService
 from colgrid_server.service.search_rpc import SearchService
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 SERVICE_NAMES = tuple(pb.DESCRIPTOR.services_by_name[name].full_name
                       for name in ("SearchService", "EncodeService", "RegistryService", "RolloutService",
-                                   "EvaluationService"))
+                                   "EvaluationService", "IngestService"))
 # A replica counts as live (and is waited for) while its last heartbeat is this many poll
 # intervals old at most, and never less than LIVE_MIN_SECONDS.
 LIVE_POLLS = 3
@@ -136,6 +137,7 @@ async def start_server(settings: Settings) -> RunningServer:
     pb_grpc.add_RegistryServiceServicer_to_server(RegistryService(state, executor), server)
     pb_grpc.add_RolloutServiceServicer_to_server(RolloutService(state, replica, admin_executor), server)
     pb_grpc.add_EvaluationServiceServicer_to_server(EvaluationService(state, settings, executor), server)
+    pb_grpc.add_IngestServiceServicer_to_server(IngestService(state, settings), server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     for name in ("", *SERVICE_NAMES):

@@ -17,7 +17,7 @@ import numpy as np
 
 from colgrid_registry import VersionRecord, VersionState
 from colgrid_server.errors import ColgridError, FailedPrecondition
-from colgrid_server.index import LoadedVersion, open_version
+from colgrid_server.index import EncoderRef, LoadedVersion, is_external, open_version
 from colgrid_server.search import SearchParams, SearchResult, Searcher
 
 # The checks a version passes before traffic may reach it, in the order they run.
@@ -204,11 +204,28 @@ def check_ready(record: VersionRecord) -> None:
         raise VersionCheckFailed(record.index, record.version, "ready", "the registry has no storage location for it")
 
 
+class ExternalVectors:
+    """Stands in for the encoder of a version built from external vectors: it has the version's
+    dim (query vectors are checked against it) and refuses to encode text."""
+
+    def __init__(self, ref: EncoderRef, index: str, version: str) -> None:
+        self.id, self.kind, self.dim = ref.id, ref.kind, ref.dim
+        self._label = f"{index}/{version}"
+
+    def _refuse(self, *_: Any, **__: Any) -> Any:
+        raise FailedPrecondition(f"version {self._label} was built from external vectors; "
+                                 "search it with query_vectors")
+
+    encode_queries = encode_documents = _refuse
+
+
 def _encoder(record: VersionRecord, loaded: LoadedVersion, catalog: Any) -> Any:
     index, version, ref = record.index, record.version, loaded.encoder
     if record.encoder_id and record.encoder_id != ref.id:
         raise VersionCheckFailed(index, version, "encoder", f"the registry pins encoder {record.encoder_id[:16]}… "
                                                             f"but the files were built with {ref.id[:16]}…")
+    if is_external(ref):  # no encoder to load: only query vectors can search it
+        return ExternalVectors(ref, index, version)
     try:
         encoder = catalog.get(ref.id)
     except ColgridError as exc:
@@ -226,7 +243,12 @@ def _warm_up(served: ServedVersion) -> None:
     """One real query end to end, so the first user request pays no lazy initialisation and a
     version that cannot answer never receives traffic."""
     try:
-        served.search(Query(params=SearchParams(k=1), text=WARM_UP_QUERY))
+        if isinstance(served.encoder, ExternalVectors):  # a random unit query of the version's dim
+            vectors = np.random.default_rng(0).standard_normal((4, served.encoder.dim)).astype(np.float32)
+            query = Query(params=SearchParams(k=1), vectors=vectors / np.linalg.norm(vectors, axis=1, keepdims=True))
+        else:
+            query = Query(params=SearchParams(k=1), text=WARM_UP_QUERY)
+        served.search(query)
     except Exception as exc:  # noqa: BLE001 - any failure here means: do not route to it
         raise VersionCheckFailed(served.index, served.version, "warm-up",
                                  f"a test query failed: {type(exc).__name__}: {exc}") from exc
