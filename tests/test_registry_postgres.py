@@ -248,7 +248,9 @@ def test_placeholders_become_psycopg_ones_and_literals_stay() -> None:
     assert translate("SELECT 5 % 2") == "SELECT 5 %% 2"
     assert translate("CREATE TABLE t (name TEXT PRIMARY KEY, n INTEGER)") == \
         'CREATE TABLE t (name TEXT COLLATE "C" PRIMARY KEY, n INTEGER)'
-    assert translate("SELECT 'TEXT' FROM t") == "SELECT 'TEXT' FROM t"
+    assert translate('ALTER TABLE t ADD COLUMN note text, ADD COLUMN "TEXT" INTEGER DEFAULT \'TEXT\'') == \
+        'ALTER TABLE t ADD COLUMN note TEXT COLLATE "C", ADD COLUMN "TEXT" INTEGER DEFAULT \'TEXT\''
+    assert translate("SELECT 'TEXT', context FROM t") == "SELECT 'TEXT', context FROM t"
 
 
 def test_rows_are_addressed_by_column_name_or_position(registry: Registry) -> None:

@@ -91,17 +91,27 @@ def _row_factory(cursor: psycopg.Cursor) -> Any:
     return lambda values: PostgresRow(values, names)
 
 
-_TOKENS = re.compile(r"'(?:[^']|'')*'|\?|%")
+# Quoted literals and identifiers (kept as they are), placeholders, percent signs, the TEXT type.
+_TOKENS = re.compile(r"""'(?:[^']|'')*'|"(?:[^"]|"")*"|\?|%|\bTEXT\b""", re.IGNORECASE)
 _DDL = re.compile(r"\s*(CREATE|ALTER)\s+TABLE\b", re.IGNORECASE)
-_TEXT_TYPE = re.compile(r"\bTEXT\b")
 
 
 @lru_cache(maxsize=512)
 def translate(sql: str) -> str:
-    """The registry's portable SQL as psycopg runs it (quoted literals are left alone)."""
-    if _DDL.match(sql):
-        sql = _TEXT_TYPE.sub('TEXT COLLATE "C"', sql)
-    return _TOKENS.sub(lambda m: {"?": "%s", "%": "%%"}.get(m.group(0), m.group(0)), sql)
+    """The registry's portable SQL as psycopg runs it."""
+    ddl = _DDL.match(sql) is not None
+
+    def token(match: re.Match[str]) -> str:
+        text = match.group(0)
+        if text == "?":
+            return "%s"
+        if text == "%":
+            return "%%"
+        if ddl and text.upper() == "TEXT":
+            return 'TEXT COLLATE "C"'
+        return text
+
+    return _TOKENS.sub(token, sql)
 
 
 def _why(exc: psycopg.Error) -> str:
@@ -169,15 +179,17 @@ class PostgresDatabase:
             try:
                 conn.execute("COMMIT")
             except _UNAVAILABLE as exc:
-                raise RegistryError(f"lost registry database {self._location} while committing; the change "
-                                    f"may or may not have been applied: re-read and retry ({_why(exc)})") from exc
+                raise RegistryError(f"lost registry database {self._location} while committing; the "
+                                    f"change may or may not have been applied: re-read and retry "
+                                    f"({_why(exc)})") from exc
             reusable = True
         except _UNAVAILABLE as exc:
-            raise RegistryError(f"registry database {self._location} failed a transaction: {_why(exc)}") from exc
+            raise RegistryError(f"registry database {self._location} failed a transaction: "
+                                f"{_why(exc)}") from exc
         except (errors.InsufficientPrivilege, errors.InvalidSchemaName) as exc:
-            raise RegistryError(f"registry database {self._location} refused: {_why(exc)}; the URL's user must be "
-                                f"able to create tables in the database (or in the existing schema its "
-                                f"search_path names) and to read and write them") from exc
+            raise RegistryError(f"registry database {self._location} refused: {_why(exc)}; the URL's user "
+                                f"must be able to create tables in the database (or in the existing schema "
+                                f"its search_path names) and to read and write them") from exc
         finally:
             self._release(conn, reusable=reusable)
 
@@ -222,8 +234,8 @@ class PostgresDatabase:
                     break
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise RegistryError(f"registry {self._location}: all {self._pool_size} connections stayed "
-                                        f"busy for {self._busy_timeout_s:g} s")
+                    raise RegistryError(f"registry {self._location}: all {self._pool_size} connections "
+                                        f"stayed busy for {self._busy_timeout_s:g} s")
                 self._changed.wait(remaining)
         return self._connect()
 
@@ -258,9 +270,11 @@ class PostgresDatabase:
                 dead = conn.closed or conn.broken
                 self._abandon(conn)
                 if not dead:
-                    raise RegistryError(f"registry database {self._location} refused a transaction: {_why(exc)}") from exc
+                    raise RegistryError(f"registry database {self._location} refused a transaction: "
+                                        f"{_why(exc)}") from exc
                 last = exc
-        raise RegistryError(f"registry database {self._location} keeps dropping connections: {last}") from last
+        raise RegistryError(f"registry database {self._location} keeps dropping connections: "
+                            f"{last}") from last
 
     def _abandon(self, conn: psycopg.Connection) -> None:
         """Give back a connection whose transaction could not begin, rolled back if it still lives."""

@@ -2,11 +2,11 @@
 
 One text for SQLite and PostgreSQL: plain types (TEXT, INTEGER, BIGINT), timestamps as
 ISO-8601 UTC text, JSON as text, explicit ids (no AUTOINCREMENT / SERIAL), no STRICT / WITHOUT
-ROWID / partial indexes, `?` placeholders. The PostgreSQL backend translates on the way (`?` to
-`%s`, and `TEXT` in CREATE/ALTER TABLE to `TEXT COLLATE "C"` so names sort bytewise as in
-SQLite); write nothing that needs more. Both backends run the migrations inside their exclusive
-write transaction, so replicas starting together migrate once. Never edit a migration that has
-shipped; append a new one.
+ROWID / partial indexes, `?` placeholders. The PostgreSQL backend translates on the way: `?` to
+`%s`, and the type TEXT in CREATE/ALTER TABLE to `TEXT COLLATE "C"`, so that names sort
+bytewise as in SQLite (hence no column may be named "text"). Write nothing that needs more.
+Both backends run the migrations inside their exclusive write transaction, so replicas starting
+together migrate once. Never edit a migration that has shipped; append a new one.
 """
 from __future__ import annotations
 
