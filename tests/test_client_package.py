@@ -11,8 +11,9 @@ import colgrid_client
 EXPORTED = [
     "__version__",
     "Client", "AsyncClient",
-    "SearchResult", "Hit", "TokenMatch", "SearchStats", "Matrix", "IndexInfo", "Rollout",
-    "Version", "VersionState",
+    "SearchResult", "Hit", "PatchRef", "TokenMatch", "Explanation", "SearchStats", "Matrix", "IndexInfo",
+    "Rollout", "Version", "VersionState", "EvalQuery", "VersionEvaluation", "PromotePolicy",
+    "IngestDoc", "IngestResult", "IngestProgress", "IngestError",
     "ColgridError", "InvalidArgumentError", "NotFoundError", "FailedPreconditionError",
     "ResourceExhaustedError", "UnavailableError", "DeadlineExceededError", "AbortedError",
     "PermissionDeniedError", "UnauthenticatedError", "InternalError", "FieldViolation",

@@ -6,13 +6,15 @@ import pytest
 
 from colgrid_client._pb import colgrid_pb2 as pb
 from colgrid_client._pb import colgrid_pb2_grpc as pb_grpc
-from colgrid_server.service import encode_rpc, registry_rpc, rollout_rpc, search_rpc
+from colgrid_server.service import encode_rpc, evaluate_rpc, ingest_rpc, registry_rpc, rollout_rpc, search_rpc
 
 SERVICERS = {
     "SearchService": search_rpc.SearchService,
     "EncodeService": encode_rpc.EncodeService,
     "RegistryService": registry_rpc.RegistryService,
     "RolloutService": rollout_rpc.RolloutService,
+    "IngestService": ingest_rpc.IngestService,
+    "EvaluationService": evaluate_rpc.EvaluationService,
 }
 
 
