@@ -12,20 +12,16 @@ import threading
 from concurrent.futures import Executor
 
 import grpc
-from google.rpc import error_details_pb2, status_pb2
-from grpc_status import rpc_status
 
 from colgrid_client._pb import colgrid_pb2 as pb
 from colgrid_client._pb import colgrid_pb2_grpc as pb_grpc
 from colgrid_server.config import Settings
 from colgrid_server.errors import InvalidArgument
 from colgrid_server.evaluation import (
-    DEFAULT_RECALL_K, EvalOptions, Evaluation, Evaluator, PromoteRefused, check_queries)
+    DEFAULT_RECALL_K, EvalOptions, Evaluation, Evaluator, check_queries)
 from colgrid_server.serving import ServingState
 from colgrid_server.service import convert, requests
-from colgrid_server.service.status import abort_with, to_rpc_status
-
-GRPC_DETAILS_KEY = "grpc-status-details-bin"
+from colgrid_server.service.status import abort_with
 
 
 class EvaluationService(pb_grpc.EvaluationServiceServicer):
@@ -73,20 +69,3 @@ class EvaluationService(pb_grpc.EvaluationServiceServicer):
         return EvalOptions(k=k, nprobe=knob("nprobe"), n_candidates=knob("n_candidates"))
 
 
-def promote_refused_status(exc: PromoteRefused) -> grpc.Status:
-    """The FAILED_PRECONDITION status of a refused promote: the shared error table's status,
-    with the failed rule added to its ErrorInfo metadata ("rule")."""
-    status = to_rpc_status(exc)
-    trailers = dict(status.trailing_metadata or ())
-    details = status_pb2.Status.FromString(trailers[GRPC_DETAILS_KEY])
-    for packed in details.details:
-        if packed.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            packed.Unpack(info)
-            info.metadata["rule"] = exc.rule
-            packed.Pack(info)
-    return rpc_status.to_status(details)
-
-
-async def abort_promote_refused(context: grpc.aio.ServicerContext, exc: PromoteRefused) -> None:
-    await context.abort_with_status(promote_refused_status(exc))

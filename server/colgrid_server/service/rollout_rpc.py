@@ -19,10 +19,9 @@ from colgrid_client._pb import colgrid_pb2 as pb
 from colgrid_client._pb import colgrid_pb2_grpc as pb_grpc
 from colgrid_registry import Rollout
 from colgrid_server.errors import InvalidArgument
-from colgrid_server.evaluation import PromotePolicy, PromoteRefused, gate_promotion
+from colgrid_server.evaluation import PromotePolicy, gate_promotion
 from colgrid_server.serving import Change, Replica, RolloutChanges, ServingState
 from colgrid_server.service import convert, requests
-from colgrid_server.service.evaluate_rpc import abort_promote_refused
 from colgrid_server.service.status import abort_with
 
 DEFAULT_HISTORY = 20
@@ -131,8 +130,6 @@ class RolloutService(pb_grpc.RolloutServiceServicer):
             if wait:
                 await self._wait_for_replicas(name, after.generation, wait)
             return await self._run(self._status, after)
-        except PromoteRefused as exc:
-            await abort_promote_refused(context, exc)  # FAILED_PRECONDITION naming the rule
             raise
         except Exception as exc:  # noqa: BLE001
             await abort_with(context, exc)

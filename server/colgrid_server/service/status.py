@@ -60,6 +60,9 @@ def to_rpc_status(exc: BaseException) -> grpc.Status:
     check = getattr(exc, "check", None)
     if code != grpc.StatusCode.INTERNAL and isinstance(check, str):
         info.metadata["check"] = check  # which version check refused a rollout (serving.CHECKS)
+    rule = getattr(exc, "rule", None)
+    if code != grpc.StatusCode.INTERNAL and isinstance(rule, str):
+        info.metadata["rule"] = rule  # which promote policy rule refused a promote
     details.append(_pack(info))
     field = getattr(exc, "field", None)
     if code == grpc.StatusCode.INVALID_ARGUMENT and field:
