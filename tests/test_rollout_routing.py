@@ -103,24 +103,29 @@ def test_every_answer_names_the_version_role_and_generation_that_produced_it(thr
     assert roles == {"stable", "canary"}
 
 
+@pytest.mark.parametrize("canary_encoder", ["tiny-bert", "tiny-colqwen2"])
 def test_a_canary_built_with_another_encoder_answers_with_its_own_encoder(
-        tmp_path: Path, encoder_dir: Path, tiny_encoder_dir: Path, rollout_documents):
-    """MiniLM (dim 384) stable, tiny BERT (dim 32) canary: each query is encoded by the encoder
-    of the version that answers it, and each answer equals that version's answer alone."""
+        tmp_path: Path, encoder_dir: Path, request: pytest.FixtureRequest, canary_encoder: str, rollout_documents):
+    """MiniLM (dim 384) stable; a canary built with another encoder (a tiny BERT text encoder,
+    or a tiny ColQwen2: ColBERT-style text to a multimodal model): each query is encoded by the
+    encoder of the version that answers it, and each answer equals that version's answer alone."""
+    other_encoder_dir = request.getfixturevalue(
+        "tiny_encoder_dir" if canary_encoder == "tiny-bert" else "colqwen2_encoder_dir")
     data = DataDir(tmp_path)
     data.encoders.mkdir(parents=True)
     (data.encoders / encoder_dir.name).symlink_to(encoder_dir, target_is_directory=True)
     docs = rollout_documents[:60]
     with open_registry(data.registry_file) as registry:
         build_index(data, registry, INDEX, docs, progress=False)
-        build_index(data, registry, INDEX, docs, encoder_dir=tiny_encoder_dir, activate=False, progress=False)
+        build_index(data, registry, INDEX, docs, encoder_dir=other_encoder_dir, activate=False, progress=False)
     with serving(tmp_path) as s:
         s.client.start_canary(INDEX, "v2", 50)
         status = s.client.get_rollout(INDEX)
         assert {v.version: v.roles for v in status.versions} == {"v1": ("stable",), "v2": ("canary",)}
         routes = s.state.snapshot()[INDEX]
         by_version = {"v1": routes.stable, "v2": routes.canary}
-        assert by_version["v1"].encoder.dim == 384 and by_version["v2"].encoder.dim == 32
+        assert by_version["v1"].encoder.dim == 384 and by_version["v2"].encoder.dim != 384
+        assert by_version["v2"].encoder.kind == ("colbert" if canary_encoder == "tiny-bert" else "colqwen2")
         seen = set()
         for i, query in enumerate(QUERIES * 3):
             result = s.client.search(INDEX, query, k=5, routing_key=f"u{i}")
