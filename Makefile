@@ -27,6 +27,8 @@ serve: $(STAMP)
 	$(VENV)/bin/colgrid serve --data-dir $(DATA_DIR) --port $(PORT)
 
 test: $(STAMP)
+	# A real PostgreSQL server for the registry tests (installed with apt when missing and root).
+	bash scripts/postgres.sh install
 	$(VENV)/bin/python protos/generate.py --check
 	$(VENV)/bin/python -m pytest; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc

@@ -22,7 +22,7 @@ from colgrid_registry._registry import open_registry as _open_sqlite
 from colgrid_registry._schema import LATEST as SCHEMA_VERSION
 from colgrid_registry.errors import (
     AlreadyExists, GenerationConflict, IncompatibleSchema, IndexNotFound, InvalidName,
-    InvalidTransition, InvalidValue, RegistryError, VersionNotFound, VersionNotReady)
+    InvalidTransition, InvalidValue, RegistryError, RegistryUnavailable, VersionNotFound, VersionNotReady)
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -38,6 +38,7 @@ __all__ = [
     "InvalidValue",
     "Registry",
     "RegistryError",
+    "RegistryUnavailable",
     "ReplicaRecord",
     "Rollout",
     "VersionNotFound",

@@ -30,7 +30,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import psycopg
 from psycopg import conninfo, errors
 
-from colgrid_registry.errors import RegistryError
+from colgrid_registry.errors import RegistryError, RegistryUnavailable
 
 URL_SCHEMES = ("postgresql", "postgres")
 # The one advisory lock key every colgrid write transaction takes: ASCII "colgrid" (0x636f6c67726964),
@@ -179,12 +179,12 @@ class PostgresDatabase:
             try:
                 conn.execute("COMMIT")
             except _UNAVAILABLE as exc:
-                raise RegistryError(f"lost registry database {self._location} while committing; the "
+                raise RegistryUnavailable(f"lost registry database {self._location} while committing; the "
                                     f"change may or may not have been applied: re-read and retry "
                                     f"({_why(exc)})") from exc
             reusable = True
         except _UNAVAILABLE as exc:
-            raise RegistryError(f"registry database {self._location} failed a transaction: "
+            raise RegistryUnavailable(f"registry database {self._location} failed a transaction: "
                                 f"{_why(exc)}") from exc
         except (errors.InsufficientPrivilege, errors.InvalidSchemaName) as exc:
             raise RegistryError(f"registry database {self._location} refused: {_why(exc)}; the URL's user "
@@ -218,7 +218,7 @@ class PostgresDatabase:
             with self._changed:
                 self._open -= 1
                 self._changed.notify()
-            raise RegistryError(f"cannot connect to registry database {self._location}: {exc}") from exc
+            raise RegistryUnavailable(f"cannot connect to registry database {self._location}: {exc}") from exc
         return conn
 
     def _acquire(self) -> psycopg.Connection:
@@ -234,7 +234,7 @@ class PostgresDatabase:
                     break
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise RegistryError(f"registry {self._location}: all {self._pool_size} connections "
+                    raise RegistryUnavailable(f"registry {self._location}: all {self._pool_size} connections "
                                         f"stayed busy for {self._busy_timeout_s:g} s")
                 self._changed.wait(remaining)
         return self._connect()
@@ -264,7 +264,7 @@ class PostgresDatabase:
                 return conn
             except errors.LockNotAvailable as exc:
                 self._abandon(conn)
-                raise RegistryError(f"registry {self._location} is busy: another writer held the write lock "
+                raise RegistryUnavailable(f"registry {self._location} is busy: another writer held the write lock "
                                     f"for more than {self._busy_timeout_s:g} s; retry") from exc
             except _UNAVAILABLE as exc:
                 dead = conn.closed or conn.broken

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from colgrid_registry.errors import InvalidValue, RegistryError
 
-SUPPORTED_LOCATIONS = "a filesystem path, or sqlite:///absolute/path.db"
+SUPPORTED_LOCATIONS = "a filesystem path, sqlite:///absolute/path.db, or postgresql://user:password@host/db"
 
 
 def sqlite_path(location: str | Path) -> Path:
@@ -31,7 +31,7 @@ def sqlite_path(location: str | Path) -> Path:
     scheme, _, rest = location.partition("://")
     if scheme.lower() != "sqlite":
         raise InvalidValue(f"unsupported registry URL scheme {scheme!r} in {location!r}; supported: "
-                           f"{SUPPORTED_LOCATIONS} (PostgreSQL is planned, not available yet)",
+                           f"{SUPPORTED_LOCATIONS}",
                            field="registry_url")
     if not rest.startswith("/") or rest.rstrip("/") == "":
         raise InvalidValue(f"{location!r} has no absolute file path; write sqlite:///absolute/path.db "

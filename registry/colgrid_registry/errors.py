@@ -23,6 +23,13 @@ class RegistryError(Exception):
     code = "REGISTRY_ERROR"
 
 
+class RegistryUnavailable(RegistryError):
+    """The registry database cannot be reached right now (connection lost, write lock held
+    too long, connections exhausted): retrying later may succeed."""
+
+    code = "REGISTRY_UNAVAILABLE"
+
+
 class IndexNotFound(RegistryError, LookupError):
     code = "INDEX_NOT_FOUND"
     resource_type = "index"

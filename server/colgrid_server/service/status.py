@@ -35,6 +35,7 @@ _TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (reg.GenerationConflict, grpc.StatusCode.ABORTED),
     (reg.VersionNotReady, grpc.StatusCode.FAILED_PRECONDITION),
     (reg.InvalidTransition, grpc.StatusCode.FAILED_PRECONDITION),
+    (reg.RegistryUnavailable, grpc.StatusCode.UNAVAILABLE),  # clients retry UNAVAILABLE
 )
 
 
