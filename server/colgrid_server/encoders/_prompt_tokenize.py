@@ -42,17 +42,19 @@ class PromptTokenizer:
             if not text.strip():
                 raise InvalidArgument(f"text {i} is empty or whitespace only; send text with words in it",
                                       field=f"texts[{i}]")
+        prompts = [self.prefix + t + self.suffix for t in texts]
         with self._lock:
-            encodings = self._tokenizer.encode_batch([self.prefix + t + self.suffix for t in texts])
-        return [self._rows(i, len(text), enc) for i, (text, enc) in enumerate(zip(texts, encodings))]
+            encodings = self._tokenizer.encode_batch(prompts)
+        return [self._rows(i, len(text), prompt, enc) for i, (text, prompt, enc) in enumerate(zip(texts, prompts, encodings))]
 
-    def _rows(self, index: int, text_length: int, enc) -> TokenizedText:  # enc: tokenizers.Encoding
+    def _rows(self, index: int, text_length: int, prompt: str, enc) -> TokenizedText:  # enc: tokenizers.Encoding
         start_of_text, end_of_text = len(self.prefix), len(self.prefix) + text_length
         ids, tokens, spans, is_text, keep = [], [], [], [], []
         for token_id, token, seq, (start, end) in zip(enc.ids, enc.tokens, enc.sequence_ids, enc.offsets):
             inside = seq is not None and end > start_of_text and start < end_of_text
             ids.append(token_id)
-            tokens.append(token)
+            # Display the characters the token covers (byte-level BPE names like 'Ġm' mean " m").
+            tokens.append(prompt[start:end] if end > start else token)
             spans.append((max(start, start_of_text) - start_of_text, min(end, end_of_text) - start_of_text)
                          if inside else NO_SPAN)
             is_text.append(inside)
