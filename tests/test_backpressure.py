@@ -104,10 +104,13 @@ def test_the_sdk_reports_the_delay_the_server_asked_for(narrow, busy_worker, stu
 
 def test_the_server_serves_again_once_the_queue_drains(narrow, busy_worker, stub, pool):
     calls = fill(stub, pool)
-    refused_before = Scrape(narrow.metrics_port).value("colgrid_overload_refusals_total")
+    before = Scrape(narrow.metrics_port)
     with pytest.raises(grpc.RpcError):
         stub.Search(request("sort a list"), timeout=60)
-    assert Scrape(narrow.metrics_port).value("colgrid_overload_refusals_total") == refused_before + 1
+    after = Scrape(narrow.metrics_port)
+    assert after.value("colgrid_overload_refusals_total") == before.value("colgrid_overload_refusals_total") + 1
+    exhausted = dict(method="colgrid.v1.SearchService/Search", code="RESOURCE_EXHAUSTED")
+    assert after.value("colgrid_requests_total", **exhausted) == before.value("colgrid_requests_total", **exhausted) + 1
     busy_worker.set()
     for call in calls:
         call.result(timeout=60)
@@ -116,9 +119,13 @@ def test_the_server_serves_again_once_the_queue_drains(narrow, busy_worker, stub
 
 def test_a_search_whose_deadline_passes_while_queued_is_never_computed(narrow, busy_worker, pool):
     dropped, completed = pool.dropped, pool.completed
+    expired = dict(method="colgrid.v1.SearchService/Search", code="DEADLINE_EXCEEDED")
+    counted = Scrape(narrow.metrics_port).value("colgrid_requests_total", **expired)
     with Client(narrow.target, retries=0) as client, pytest.raises(DeadlineExceededError):
         client.search("docs", "open a file", timeout=0.5)
     wait_until(lambda: pool.dropped == dropped + 1, "the queued search is dropped")
+    wait_until(lambda: Scrape(narrow.metrics_port).value("colgrid_requests_total", **expired) == counted + 1,
+               "the expired call is counted as DEADLINE_EXCEEDED")
     busy_worker.set()
     wait_until(lambda: pool.running == 0, "the worker is free")
     assert pool.completed == completed + 1  # the blocking task only: the search never ran

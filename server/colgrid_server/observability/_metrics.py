@@ -88,9 +88,21 @@ class Metrics:
         self._http: Any = None
         self._thread: threading.Thread | None = None
 
-    def observe_response(self, response: Any) -> None:
-        if type(response).DESCRIPTOR.full_name != SEARCH_RESPONSE:
-            return
+    def observe_response(self, response: Any) -> tuple[str, str] | None:
+        """Record what a response tells (searches: version, role, timings) and return the
+        (index, version) it names, if any. Never raises: metrics must not fail a call."""
+        try:
+            descriptor = getattr(type(response), "DESCRIPTOR", None)
+            if descriptor is None:
+                return None
+            if descriptor.full_name == SEARCH_RESPONSE:
+                self._observe_search(response)
+            return _labels_of(response)
+        except Exception:  # noqa: BLE001
+            log.exception("could not record metrics for a %s", type(response).__name__)
+            return None
+
+    def _observe_search(self, response: Any) -> None:
         index, version = response.index, response.version
         self.searches.labels(index, version, response.role or "stable").inc()
         if response.HasField("stats"):
@@ -165,8 +177,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                 started, labels, error = time.perf_counter(), ("", ""), None
                 try:
                     async for response in behavior(request, context):
-                        metrics.observe_response(response)
-                        labels = _labels_of(response) or labels
+                        labels = metrics.observe_response(response) or labels
                         yield response
                 except BaseException as exc:
                     error = exc
@@ -180,8 +191,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             try:
                 response = await behavior(request, context)
                 if response is not None:
-                    metrics.observe_response(response)
-                    labels = _labels_of(response) or labels
+                    labels = metrics.observe_response(response) or labels
                 return response
             except BaseException as exc:
                 error = exc
