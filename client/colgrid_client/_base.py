@@ -5,7 +5,9 @@ own unary loop (blocking or awaiting). Only the loop and the sleep differ betwee
 """
 from __future__ import annotations
 
+import collections
 import itertools
+import os
 import random
 import threading
 import time
@@ -13,6 +15,7 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import grpc
@@ -43,6 +46,134 @@ def channel_options(options: Iterable[tuple[str, Any]] | None) -> list[tuple[str
     merged = dict(DEFAULT_OPTIONS)
     merged.update(options or ())
     return list(merged.items())
+
+
+# --- Channels: TLS and API keys ----------------------------------------------------------------
+
+# PEM bytes, PEM text, or the path of a PEM file.
+PemSource = bytes | str | os.PathLike
+AUTHORIZATION_KEY = "authorization"
+
+
+def read_pem(source: PemSource | None, what: str) -> bytes | None:
+    if source is None or isinstance(source, bytes):
+        return source
+    if isinstance(source, str) and source.lstrip().startswith("-----BEGIN"):
+        return source.encode("ascii")
+    try:
+        return Path(source).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read {what} from {source}: {exc.strerror or exc}") from exc
+
+
+def channel_credentials(credentials: grpc.ChannelCredentials | None, root_certificates: PemSource | None,
+                        private_key: PemSource | None,
+                        certificate_chain: PemSource | None) -> grpc.ChannelCredentials | None:
+    """TLS credentials for a channel (None: plaintext). `root_certificates` verifies the server
+    (None with a client certificate: the system's roots); `private_key` + `certificate_chain`
+    are this client's certificate for mutual TLS."""
+    if (private_key is None) != (certificate_chain is None):
+        raise ValueError("private_key and certificate_chain go together (the client certificate for mutual TLS)")
+    if credentials is not None:
+        if root_certificates is not None or private_key is not None:
+            raise ValueError("give either credentials or root_certificates/private_key/certificate_chain, not both")
+        return credentials
+    if root_certificates is None and private_key is None:
+        return None
+    return grpc.ssl_channel_credentials(read_pem(root_certificates, "root_certificates"),
+                                        read_pem(private_key, "private_key"),
+                                        read_pem(certificate_chain, "certificate_chain"))
+
+
+def auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
+    if api_key is None:
+        return ()
+    key = api_key.strip()
+    if not key or any(c in key for c in "\r\n"):
+        raise ValueError("api_key is empty or spans lines; pass the key exactly as `colgrid keys create` printed it")
+    return ((AUTHORIZATION_KEY, f"Bearer {key}"),)
+
+
+class _CallDetails(collections.namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials",
+                                                             "wait_for_ready", "compression")),
+                   grpc.ClientCallDetails):
+    pass
+
+
+class _SyncAuth(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds the API key to every call on a blocking channel, streams included."""
+
+    def __init__(self, extra: tuple[tuple[str, str], ...]) -> None:
+        self._extra = extra
+
+    def _details(self, details: grpc.ClientCallDetails) -> _CallDetails:
+        return _CallDetails(details.method, details.timeout, (*(details.metadata or ()), *self._extra),
+                            details.credentials, getattr(details, "wait_for_ready", None),
+                            getattr(details, "compression", None))
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation, client_call_details, request):
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
+        return continuation(self._details(client_call_details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
+        return continuation(self._details(client_call_details), request_iterator)
+
+
+def sync_channel(target: str, credentials: grpc.ChannelCredentials | None,
+                 options: list[tuple[str, Any]], api_key: str | None) -> grpc.Channel:
+    channel = (grpc.secure_channel(target, credentials, options=options) if credentials
+               else grpc.insecure_channel(target, options=options))
+    extra = auth_metadata(api_key)
+    return grpc.intercept_channel(channel, _SyncAuth(extra)) if extra else channel
+
+
+class _AioAuth:
+    """Adds the API key to every call on a grpc.aio channel, which takes one interceptor per
+    call shape (the four subclasses below)."""
+
+    def __init__(self, extra: tuple[tuple[str, str], ...]) -> None:
+        self._extra = extra
+
+    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        metadata = grpc.aio.Metadata(*tuple(details.metadata or ()), *self._extra)
+        return grpc.aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials,
+                                          details.wait_for_ready)
+
+
+class _AioUnaryUnaryAuth(_AioAuth, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation, client_call_details, request):
+        return await continuation(self._details(client_call_details), request)
+
+
+class _AioUnaryStreamAuth(_AioAuth, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation, client_call_details, request):
+        return await continuation(self._details(client_call_details), request)
+
+
+class _AioStreamUnaryAuth(_AioAuth, grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
+        return await continuation(self._details(client_call_details), request_iterator)
+
+
+class _AioStreamStreamAuth(_AioAuth, grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
+        return await continuation(self._details(client_call_details), request_iterator)
+
+
+def aio_channel(target: str, credentials: grpc.ChannelCredentials | None,
+                options: list[tuple[str, Any]], api_key: str | None) -> grpc.aio.Channel:
+    extra = auth_metadata(api_key)
+    interceptors = ([kind(extra) for kind in (_AioUnaryUnaryAuth, _AioUnaryStreamAuth, _AioStreamUnaryAuth,
+                                              _AioStreamStreamAuth)] if extra else None)
+    if credentials:
+        return grpc.aio.secure_channel(target, credentials, options=options, interceptors=interceptors)
+    return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
 
 
 @dataclass(frozen=True)
