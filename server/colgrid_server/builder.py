@@ -2,10 +2,12 @@
 
 The registry entry is created first so a crash mid-build leaves a visible BUILDING/FAILED row,
 never a READY version without its files; the version directory appears only once complete
-(VersionWriter publishes atomically).
+(VersionWriter publishes atomically). With object storage the version is built in the local
+cache, then published (manifest uploaded last) before the registry records it READY.
 """
 from __future__ import annotations
 
+import logging
 import shutil
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -18,6 +20,9 @@ from colgrid_server.encoders import encoder_id, ensure_default_encoder, load_any
 from colgrid_server.index import VersionSummary, build_version
 from colgrid_server.ingest import SourceError, SourceItem
 from colgrid_server.paths import DataDir
+from colgrid_server.storage import LocalStorage, VersionStorage
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -53,7 +58,7 @@ def resolve_encoder_dir(data: DataDir, encoder_dir: Path | None, *, progress: bo
 def build_index(data: DataDir, registry: Registry, name: str, documents: Iterable[Document], *,
                 encoder_dir: Path | None = None, activate: bool = True, batch_size: int = 64,
                 build_params: Mapping[str, Any] | None = None, progress: bool = True,
-                actor: str = "cli", reason: str = "") -> BuildOutcome:
+                actor: str = "cli", reason: str = "", storage: VersionStorage | None = None) -> BuildOutcome:
     registry.ensure_index(name)  # validates the name before any work
     encoder = load_any_encoder(resolve_encoder_dir(data, encoder_dir, progress=progress))
     params = {"batch_size": batch_size, **(build_params or {})}
@@ -63,7 +68,7 @@ def build_index(data: DataDir, registry: Registry, name: str, documents: Iterabl
                              progress=progress), ()
 
     return _registered_build(data, registry, name, encoder, params, write, activate=activate, actor=actor,
-                             reason=reason)
+                             reason=reason, storage=storage)
 
 
 def build_index_from_sources(data: DataDir, registry: Registry, name: str,
@@ -72,7 +77,8 @@ def build_index_from_sources(data: DataDir, registry: Registry, name: str,
                              build_params: Mapping[str, Any] | None = None, progress: bool = True,
                              on_error: Callable[[SourceError], None] | None = None,
                              on_progress: Callable[[int, int], None] | None = None,
-                             actor: str = "cli", reason: str = "") -> BuildOutcome:
+                             actor: str = "cli", reason: str = "",
+                             storage: VersionStorage | None = None) -> BuildOutcome:
     """Build from a mixed stream of text and page images (`ingest.iter_sources`, or the Ingest
     RPC); refused inputs are skipped and reported (on_error, and in BuildOutcome.errors)."""
     from colgrid_server.ingest.build import build_version_from_sources  # torch: only when building
@@ -89,26 +95,40 @@ def build_index_from_sources(data: DataDir, registry: Registry, name: str,
         return report.summary, report.errors
 
     return _registered_build(data, registry, name, encoder, {**params, "pool_factor": pool_factor}, write,
-                             activate=activate, actor=actor, reason=reason)
+                             activate=activate, actor=actor, reason=reason, storage=storage)
 
 
 def _registered_build(data: DataDir, registry: Registry, name: str, encoder: Any, params: Mapping[str, Any],
                       write: Callable[[Path], tuple[VersionSummary, tuple[SourceError, ...]]], *,
-                      activate: bool, actor: str, reason: str) -> BuildOutcome:
-    """Registry BUILDING -> files -> READY -> (stable); FAILED with the reason if writing fails."""
+                      activate: bool, actor: str, reason: str,
+                      storage: VersionStorage | None = None) -> BuildOutcome:
+    """Registry BUILDING -> files (-> published) -> READY -> (stable); FAILED with the reason if
+    writing or publishing fails (and what was stored of it is removed)."""
+    storage = storage or LocalStorage(data)
     record = registry.allocate_version(name, encoder_id=encoder.id, encoder_kind=encoder.kind,
                                        dim=encoder.dim, storage_uri="", build_params=dict(params))
-    final_dir = data.version_dir(name, record.version).resolve()
     try:
-        summary, errors = write(final_dir)
+        local_dir = storage.build_dir(name, record.version)
+        summary, errors = write(local_dir)
+        uri = storage.publish(local_dir, name, record.version)
     except BaseException as exc:
+        _discard(storage, storage.uri_for(name, record.version))
         registry.mark_failed(name, record.version, f"{type(exc).__name__}: {exc}")
         raise
     registry.mark_ready(name, record.version, documents=summary.documents, tokens=summary.tokens,
-                        manifest_sha256=summary.manifest_sha256, storage_uri=str(final_dir))
+                        manifest_sha256=summary.manifest_sha256, storage_uri=uri)
     activated = False
     if activate:
         registry.set_stable(name, record.version, actor=actor,
                             reason=reason or f"built {summary.documents} documents")
         activated = True
     return BuildOutcome(index=name, version=record.version, summary=summary, activated=activated, errors=errors)
+
+
+def _discard(storage: VersionStorage, uri: str) -> None:
+    """Best effort: remove what a failed build stored (it has no manifest, or is never READY)."""
+    try:
+        if storage.remote:
+            storage.delete(uri)
+    except Exception as exc:  # noqa: BLE001 - the build's own error is the one to raise
+        log.warning("could not remove the leftovers of a failed build at %s: %s", uri, exc)

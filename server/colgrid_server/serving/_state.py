@@ -23,6 +23,7 @@ from colgrid_server.errors import ColgridError, FailedPrecondition
 from colgrid_server.serving._routing import IndexRoutes, bucket_of
 from colgrid_server.serving._shadow import ShadowRunner
 from colgrid_server.serving._versions import Lease, ServedVersion, VersionCheckFailed, check_ready, load_version
+from colgrid_server.storage import LocalStorage, VersionStorage
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +76,13 @@ class Route:
 
 class ServingState:
     def __init__(self, registry: Registry, catalog: EncoderCatalog, *, device: str | None = None,
-                 shadow: ShadowRunner | None = None) -> None:
+                 shadow: ShadowRunner | None = None, storage: VersionStorage | None = None) -> None:
+        """storage: where versions are fetched from (object storage: into its local cache) and
+        where builds on this server publish them; default local directories."""
         self._registry = registry
         self._catalog = catalog
         self._device = device
+        self._storage = storage or LocalStorage()
         self.shadow = shadow or ShadowRunner()
         self._snapshot: Mapping[str, IndexRoutes] = MappingProxyType({})
         # Written under _lock, copy-on-write, so readers (GetRollout, routes) never wait on a load.
@@ -94,6 +98,10 @@ class ServingState:
     @property
     def registry(self) -> Registry:
         return self._registry
+
+    @property
+    def storage(self) -> VersionStorage:
+        return self._storage
 
     def snapshot(self) -> Mapping[str, IndexRoutes]:
         return self._snapshot
@@ -196,7 +204,7 @@ class ServingState:
             check_ready(record)
             yield current
             return
-        served = load_version(record, self._catalog, device=self._device)
+        served = load_version(record, self._catalog, device=self._device, storage=self._storage)
         with self._lock:
             self._held = self._held | {served}
             self._prepared[key] = served
@@ -268,7 +276,8 @@ class ServingState:
                 and time.time() - failure.at < LOAD_RETRY_SECONDS:
             return None
         try:
-            served = load_version(self._registry.get_version(index, version), self._catalog, device=self._device)
+            served = load_version(self._registry.get_version(index, version), self._catalog, device=self._device,
+                                  storage=self._storage)
         except Exception as exc:  # noqa: BLE001 - whatever failed, the previous routes keep serving
             check = exc.check if isinstance(exc, VersionCheckFailed) else "load"
             if not isinstance(exc, (ColgridError, RegistryError)):

@@ -19,6 +19,7 @@ from colgrid_registry import VersionRecord, VersionState
 from colgrid_server.errors import ColgridError, FailedPrecondition
 from colgrid_server.index import EncoderRef, LoadedVersion, is_external, open_version
 from colgrid_server.search import SearchParams, SearchResult, Searcher
+from colgrid_server.storage import VersionStorage, open_stored
 
 # The checks a version passes before traffic may reach it, in the order they run.
 CHECKS = ("ready", "checksum", "encoder", "warm-up")
@@ -172,14 +173,19 @@ class Lease:
         self.release()
 
 
-def load_version(record: VersionRecord, catalog: Any, *, device: str | None = None) -> ServedVersion:
+def load_version(record: VersionRecord, catalog: Any, *, device: str | None = None,
+                 storage: VersionStorage | None = None) -> ServedVersion:
     """Run every check in CHECKS, then return the version ready to serve (warmed with one query).
-    Raises VersionCheckFailed naming the first check that failed."""
+    Raises VersionCheckFailed naming the first check that failed. `storage` fetches a version on
+    object storage into its local cache first (None: storage_uri is a local directory)."""
     index, version = record.index, record.version
     check_ready(record)
     try:
-        loaded = open_version(Path(record.storage_uri), verify=True, device=device)
-    except ColgridError as exc:  # CorruptVersion, or files missing altogether
+        if storage is None:
+            loaded = open_version(Path(record.storage_uri), verify=True, device=device)
+        else:
+            loaded = open_stored(storage, record.storage_uri, manifest_sha256=record.manifest_sha256, device=device)
+    except ColgridError as exc:  # CorruptVersion, files missing altogether, object storage unreachable
         raise VersionCheckFailed(index, version, "checksum", str(exc), version_path=record.storage_uri) from exc
     try:
         if record.manifest_sha256 and loaded.manifest_sha256 != record.manifest_sha256:

@@ -1,0 +1,66 @@
+"""The contract every version store meets, and the names shared by its backends."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from colgrid_server.errors import FailedPrecondition
+
+# Under a store's root, versions live where they do under a data dir: indexes/<index>/<version>.
+INDEXES_PREFIX = "indexes"
+
+
+class StorageUnavailable(FailedPrecondition):
+    """Object storage could not be reached or refused the request (endpoint, credentials, bucket)."""
+
+    code = "STORAGE_UNAVAILABLE"
+
+    def __init__(self, message: str, *, version_path: str = "") -> None:
+        super().__init__(message)
+        self.version_path = version_path
+
+
+def is_remote_uri(uri: str) -> bool:
+    """True for an object-storage URI (s3://bucket/key, ...); False for a local path."""
+    scheme, sep, _ = uri.partition("://")
+    return bool(sep) and scheme.lower() not in ("", "file", "local")
+
+
+@runtime_checkable
+class VersionStorage(Protocol):
+    """Where published index versions live. Builders write a version into `build_dir` (a local
+    directory: the version writer's atomic rename happens there), then `publish` it; servers
+    `fetch` a URI to a local directory they open (never reading remote objects per query)."""
+
+    remote: bool  # capability flag: True when versions live outside this machine
+
+    def uri_for(self, index: str, version: str) -> str:
+        """Where `publish` puts this version (what the registry records as its storage_uri)."""
+        ...
+
+    def build_dir(self, index: str, version: str) -> Path:
+        """The local directory a builder writes the version into before publishing it."""
+        ...
+
+    def publish(self, local_dir: Path, index: str, version: str) -> str:
+        """Make the complete version in local_dir (manifest.json present) available at
+        uri_for(index, version), manifest last; return that URI."""
+        ...
+
+    def fetch(self, uri: str, *, manifest_sha256: str | None = None, refresh: bool = False) -> Path:
+        """A local directory holding the complete version at `uri`. manifest_sha256: the
+        manifest the registry recorded (a copy with another is replaced or refused);
+        refresh: discard any local copy first."""
+        ...
+
+    def verify(self, uri: str) -> str:
+        """Check every file against the manifest; the manifest's sha256, or CorruptVersion."""
+        ...
+
+    def has_files(self, uri: str) -> bool:
+        """Whether anything is stored at `uri` (a complete version or an interrupted one)."""
+        ...
+
+    def delete(self, uri: str) -> None:
+        """Remove the version (manifest first, so a half-deleted version is never complete)."""
+        ...

@@ -1,0 +1,45 @@
+"""Choosing the store from settings, and opening a stored version for serving."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from colgrid_server.errors import CorruptVersion
+from colgrid_server.index import LoadedVersion, open_version
+from colgrid_server.paths import DataDir
+from colgrid_server.storage._base import VersionStorage, is_remote_uri
+from colgrid_server.storage._local import LocalStorage
+from colgrid_server.storage._object import ObjectStorage
+
+if TYPE_CHECKING:
+    from colgrid_server.config import Settings
+
+log = logging.getLogger(__name__)
+CACHE_DIR_NAME = "cache"
+
+
+def storage_for(settings: Settings) -> VersionStorage:
+    """ObjectStorage when settings.storage_url is set (cache: storage_cache_dir, else
+    <data_dir>/cache), else LocalStorage under the data dir."""
+    data = DataDir(settings.data_dir)
+    if not settings.storage_url:
+        return LocalStorage(data)
+    cache = Path(settings.storage_cache_dir) if settings.storage_cache_dir else data.root / CACHE_DIR_NAME
+    return ObjectStorage(settings.storage_url, cache)
+
+
+def open_stored(storage: VersionStorage, uri: str, *, manifest_sha256: str | None = None,
+                device: str | None = None) -> LoadedVersion:
+    """Fetch (remote: into the cache) and open with every sha256 checked. A cached copy that
+    fails the check is fetched once more before the version is refused: the cache may be
+    damaged while the stored version is intact."""
+    path = storage.fetch(uri, manifest_sha256=manifest_sha256)
+    try:
+        return open_version(path, verify=True, device=device)
+    except CorruptVersion as exc:
+        if not is_remote_uri(uri):
+            raise
+        log.warning("cached copy of %s failed its check (%s); fetching it again", uri, exc)
+    path = storage.fetch(uri, manifest_sha256=manifest_sha256, refresh=True)
+    return open_version(path, verify=True, device=device)
