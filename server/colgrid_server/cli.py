@@ -63,6 +63,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from colgrid_server.corpus import iter_docstring_documents
     from colgrid_server.paths import DataDir
     from colgrid_server.service.app import serve
+    from colgrid_server.storage import storage_for
 
     settings = _settings(args)
     _logging(settings.log_level)
@@ -73,7 +74,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                   f"(up to {args.docs} documents) into {settings.data_dir}", flush=True)
             outcome = build_index(DataDir(settings.data_dir), registry, DEMO_INDEX,
                                   iter_docstring_documents(limit=args.docs),
-                                  build_params={"corpus": "python-stdlib-docstrings"}, reason="demo")
+                                  build_params={"corpus": "python-stdlib-docstrings"}, reason="demo",
+                                  storage=storage_for(settings))
             print(f"built {DEMO_INDEX}/{outcome.version}: {outcome.summary.documents} documents, "
                   f"{outcome.summary.tokens} tokens", flush=True)
     print(f'try:  .venv/bin/colgrid search {DEMO_INDEX} "parse a JSON document" -k 5 --explain', flush=True)
@@ -134,6 +136,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     from colgrid_server.errors import InvalidArgument
     from colgrid_server.ingest import SourceError, iter_sources
     from colgrid_server.paths import DataDir
+    from colgrid_server.storage import storage_for
 
     settings = _settings(args)
     started = time.perf_counter()
@@ -155,7 +158,8 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         outcome = build_index_from_sources(DataDir(settings.data_dir), registry, args.name, sources,
                                            encoder_dir=Path(args.encoder) if args.encoder else None,
                                            activate=not args.no_activate, pool_factor=args.pool_factor,
-                                           build_params=params, progress=sys.stderr.isatty(), on_error=on_error)
+                                           build_params=params, progress=sys.stderr.isatty(), on_error=on_error,
+                                           storage=storage_for(settings))
     s = outcome.summary
     print(f"{outcome.index}/{outcome.version} READY: {s.documents} documents, {s.tokens} tokens, "
           f"{s.centroids} centroids, built in {time.perf_counter() - started:.1f}s"
@@ -165,19 +169,25 @@ def cmd_index_build(args: argparse.Namespace) -> int:
 
 
 def cmd_index_verify(args: argparse.Namespace) -> int:
-    from colgrid_server.index import verify_version
+    from colgrid_server.storage import storage_for
 
     settings = _settings(args)
+    storage = storage_for(settings)  # local directories, or object storage (COLGRID_STORAGE_URL)
     with _registry(settings) as registry:
         versions = ([registry.get_version(args.name, args.version)] if args.version
                     else registry.list_versions(args.name))
     failures = 0
     for v in versions:
         if not v.storage_uri:
-            print(f"{v.index}/{v.version}: {v.state.value}, no files")
+            # An interrupted build may have left files where it was publishing (never served).
+            leftover = storage.uri_for(v.index, v.version)
+            found = storage.remote and storage.has_files(leftover)
+            print(f"{v.index}/{v.version}: {v.state.value}, "
+                  + (f"incomplete files at {leftover} (no manifest.json: an interrupted build)" if found
+                     else "no files"))
             continue
         try:
-            verify_version(Path(v.storage_uri))
+            storage.verify(v.storage_uri)
             print(f"{v.index}/{v.version}: ok ({v.storage_uri})")
         except Exception as exc:  # noqa: BLE001 - report every version, then fail
             failures += 1

@@ -31,6 +31,7 @@ from colgrid_server.service.ingest_rpc import IngestService
 from colgrid_server.service.registry_rpc import RegistryService
 from colgrid_server.service.rollout_rpc import RolloutService
 from colgrid_server.service.search_rpc import SearchService
+from colgrid_server.storage import storage_for
 
 log = logging.getLogger(__name__)
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
@@ -115,7 +116,7 @@ async def start_server(settings: Settings) -> RunningServer:
     registry = open_registry(settings.registry_location)
     catalog = EncoderCatalog(data.encoders, threads=settings.encoder_threads or None)
     device = None if settings.device == "auto" else settings.device
-    state = ServingState(registry, catalog, device=device)
+    state = ServingState(registry, catalog, device=device, storage=storage_for(settings))
     executor = ThreadPoolExecutor(settings.worker_threads, thread_name_prefix="colgrid-work")
     # Registry polls, version loads and rollout changes run here, never queued behind searches
     # (and a slow version load never occupies a search worker).
