@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,7 +50,8 @@ class Lab:
     corpus: Path
     logs: Path
     registry: Registry                       # the harness's own handle, for polling during builds
-    timing: BuildTiming | None = None
+    timing: BuildTiming | None = None         # of `colgrid index build`
+    ingest_timing: BuildTiming | None = None  # of the Ingest RPC, when the server offers it
     server: ServerProcess | None = None
     once_building: set[str] = field(default_factory=set)  # seen BUILDING after their builder died
     server_starts: int = 0
@@ -100,6 +103,36 @@ class Lab:
             time.sleep(0.005)
         kill_now(proc)
         raise TimeoutError(f"colgrid index build allocated no version within {timeout_s:.0f}s")
+
+    def ingest(self, target: str, activate: bool, on_stage: Callable[[str], object] | None = None) -> str | None:
+        """Stream the corpus to the server's Ingest RPC (`Client.ingest`); the version it built,
+        or None when the stream failed (as it does when the server is killed)."""
+        from colgrid_client import Client, ColgridError
+        from colgrid_server.documents import read_jsonl
+
+        documents = ({"id": d.id, "text": d.text} for d in read_jsonl(self.corpus))
+        progress = None if on_stage is None else (lambda p: on_stage(p.stage))
+        with Client(target, timeout=300, retries=0) as client:
+            try:
+                built = client.ingest(INDEX, documents, activate=activate, actor="fault-trials", on_progress=progress)
+            except ColgridError:
+                return None
+        return built.version.version
+
+    def time_ingest(self) -> BuildTiming:
+        """Time one uninterrupted ingest (not activated), as `open_lab` times a build."""
+        before = set(self.versions())
+        result: list[str | None] = []
+        began = time.monotonic()
+        thread = threading.Thread(target=lambda: result.append(self.ingest(self.live_server().target, False)))
+        thread.start()
+        allocated = self.wait_allocated(self.server.proc, before)
+        thread.join(300)
+        ended = time.monotonic()
+        if not result or result[0] is None or allocated is None:
+            raise RuntimeError(f"the timing ingest failed; server log: {self.server.log_tail()}")
+        self.ingest_timing = BuildTiming(to_allocated_s=allocated - began, allocated_to_exit_s=ended - allocated)
+        return self.ingest_timing
 
     def close(self) -> None:
         if self.server is not None:

@@ -13,19 +13,17 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from colgrid_registry import VersionState, open_registry
 from scripts._fault_checks import (
     PendingChange, VersionFacts, check_rollout, check_serving, check_versions, expectation)
-from scripts._fault_lab import INDEX, QUERIES, Lab
+from scripts._fault_lab import INDEX, QUERIES, BuildTiming, Lab
 from scripts._server import kill_now
 
 ACTOR = "fault-trials"
 ROLLOUT_KILL_S = (0.05, 1.5)   # kill the server this long after the first change is sent
-INGEST_KILL_S = (0.05, 3.0)    # ... after the Ingest stream opened
 CATCH_UP_S = 15.0              # a live server follows a registry change within this (poll 0.2 s)
 
 
@@ -100,30 +98,23 @@ def _serve_check(lab: Lab, result: TrialResult, rollout: Any, *, catch_up_s: flo
 
 # ------------------------------------------------------------------------------------- build
 
-BUILD_PLANS = {  # where a build's kill is aimed, and how often
-    "before-allocation": 10,  # imports, encoder load: no registry row yet
-    "anywhere": 35,           # uniformly over allocation .. exit (as timed by the lab)
+KILL_PLANS = {  # where a build's (or an ingest's) kill is aimed, and how often
+    "before-allocation": 10,  # imports, encoder load, receiving: no registry row yet
+    "anywhere": 35,           # uniformly over allocation .. end (as the lab timed it)
     "end": 20,                # the last quarter: centroids, manifest, publish, READY, stable
     "at-publish": 15,         # as soon as the version directory appears (renamed into place)
     "at-ready": 10,           # as soon as the registry row is READY (before stable moves)
-    "late": 10,               # around or after the exit
+    "late": 10,               # around or after the end
 }
 
 
-def build_trial(lab: Lab, result: TrialResult, rng: random.Random) -> None:
-    """Kill `colgrid index build`; the running server must keep serving the registry's stable."""
-    lab.live_server()
-    timing = lab.timing
-    before = lab.versions()
-    acked = pointers(lab.registry.get_rollout(INDEX))
-    activate = rng.random() < 0.5
-    plan = rng.choices(list(BUILD_PLANS), weights=list(BUILD_PLANS.values()))[0]
-    proc = lab.spawn_build(activate=activate, log=lab.logs / f"build-{result.trial}.log")
-    spawned = time.monotonic()
+def _aim(lab: Lab, proc: Any, before: set[str], timing: BuildTiming, rng: random.Random) -> str:
+    """Wait until the moment a randomly drawn plan aims at; the kill follows at once."""
+    plan = rng.choices(list(KILL_PLANS), weights=list(KILL_PLANS.values()))[0]
     if plan == "before-allocation":
         time.sleep(rng.uniform(0.3, 0.95) * timing.to_allocated_s)
-    elif (allocated := lab.wait_allocated(proc, set(before))) is not None:
-        (version,) = set(lab.versions()) - set(before)
+    elif (allocated := lab.wait_allocated(proc, before)) is not None:
+        (version,) = set(lab.versions()) - before
         if plan == "at-publish":
             _poll(proc, lambda: (lab.index_dir / version).exists())
         elif plan == "at-ready":
@@ -131,45 +122,75 @@ def build_trial(lab: Lab, result: TrialResult, rng: random.Random) -> None:
         else:
             low, high = {"anywhere": (0.0, 1.0), "end": (0.75, 1.05), "late": (1.0, 1.3)}[plan]
             time.sleep(max(0.0, allocated + rng.uniform(low, high) * timing.allocated_to_exit_s - time.monotonic()))
-    result.kill_delay_s = time.monotonic() - spawned
-    result.kill_plan = f"{plan} ({'activate' if activate else 'no-activate'})"
-    result.interrupted = kill_now(proc)
-    if not result.interrupted:
-        result.notes.append(f"the build had exited (status {proc.returncode}) before the kill")
-    after = lab.versions()
-    new = set(after) - set(before)
-    pending = PendingChange("set_stable", {"version": None}, expectation("set_stable", {"version": None})) \
-        if activate else None
-    rollout = _verify(lab, result, acked, pending, new)
-    result.landed = _build_landed(result, new, after, activate, rollout)
-    lab.once_building |= {v for v in new if after[v] is VersionState.BUILDING}
-    _serve_check(lab, result, rollout, catch_up_s=CATCH_UP_S)
+    return plan
 
 
 def _poll(proc: Any, condition: Any, timeout_s: float = 120.0) -> None:
-    """Return as soon as condition() holds (or the process ended): the kill follows at once."""
+    """Return as soon as condition() holds (or the process ended)."""
     deadline = time.monotonic() + timeout_s
     while proc.poll() is None and not condition() and time.monotonic() < deadline:
         time.sleep(0.0005)
 
 
-def _build_landed(result: TrialResult, new: set[str], after: dict[str, VersionState], activate: bool,
-                  rollout: Any) -> str:
+def _after_build_kill(lab: Lab, result: TrialResult, before: dict[str, VersionState], acked: dict[str, Any],
+                      activate: bool) -> Any:
+    """Checks shared by build and ingest trials; the rollout the registry is on."""
+    after = lab.versions()
+    new = set(after) - set(before)
+    pending = PendingChange("set_stable", {"version": None}, expectation("set_stable", {"version": None})) \
+        if activate else None
+    rollout = _verify(lab, result, acked, pending, new)
+    result.landed = _landed(lab, result, new, after, activate, rollout)
+    lab.once_building |= {v for v in new if after[v] is VersionState.BUILDING}
+    return rollout
+
+
+def _landed(lab: Lab, result: TrialResult, new: set[str], after: dict[str, VersionState], activate: bool,
+            rollout: Any) -> str:
+    """Where the kill landed, read from what it left behind."""
     if not result.interrupted:
         return "exited before the kill"
     if not new:
         return "before allocation (no registry row)"
+    if len(new) > 1:
+        return f"{len(new)} new versions"
     (version,) = new
     state = after[version]
     if state is VersionState.BUILDING:
         if version in result.published_not_ready:
             return "published, not marked READY"
-        return "building (temporary directory)" if result.tmp_dirs else "building (nothing written yet)"
+        writing = any(lab.index_dir.glob(f".{version}.tmp-*"))
+        return "building (temporary directory)" if writing else "building (nothing written yet)"
     if state is VersionState.READY:
         if activate and rollout.stable != version:
             return "READY, not yet stable"
         return "complete (READY" + (", stable)" if activate else ")")
-    return f"{state.value}"
+    return state.value
+
+
+# ------------------------------------------------------------------------------------- build
+
+def build_trial(lab: Lab, result: TrialResult, rng: random.Random) -> None:
+    """Kill `colgrid index build`; the running server must keep serving the registry's stable."""
+    lab.live_server()
+    before = lab.versions()
+    acked = pointers(lab.registry.get_rollout(INDEX))
+    activate = rng.random() < 0.5
+    proc = lab.spawn_build(activate=activate, log=lab.logs / f"build-{result.trial}.log")
+    spawned = time.monotonic()
+    try:
+        plan = _aim(lab, proc, set(before), lab.timing, rng)
+    finally:
+        result.kill_delay_s = time.monotonic() - spawned
+        result.interrupted = kill_now(proc)
+    result.kill_plan = f"{plan} ({'activate' if activate else 'no-activate'})"
+    if not result.interrupted:
+        result.notes.append(f"the build had exited (status {proc.returncode}) before the kill")
+    rollout = _after_build_kill(lab, result, before, acked, activate)
+    if not lab.server.alive():  # only the build was killed: the server must have lived through it
+        result.serving_violations.append(f"the server exited (status {lab.server.proc.returncode}) during a "
+                                         f"build trial: {lab.server.log_tail(5)}")
+    _serve_check(lab, result, rollout, catch_up_s=CATCH_UP_S)
 
 
 # ----------------------------------------------------------------------------------- rollout
@@ -274,13 +295,15 @@ def _check_stale_building(lab: Lab, result: TrialResult) -> None:
 # ------------------------------------------------------------------------------------ ingest
 
 def ingest_available(target: str) -> bool:
-    """Whether the server at `target` implements IngestService.Ingest (an empty stream is
-    refused, UNIMPLEMENTED means absent). No SDK method exists for Ingest yet, so this phase
-    speaks to the generated stub directly."""
+    """Whether the SDK has `Client.ingest` and the server at `target` implements the Ingest
+    RPC (an empty stream is refused; UNIMPLEMENTED means absent)."""
     import grpc
 
+    from colgrid_client import Client
     from colgrid_client._pb import colgrid_pb2_grpc as pb_grpc
 
+    if not hasattr(Client, "ingest"):
+        return False
     with grpc.insecure_channel(target) as channel:
         try:
             for _ in pb_grpc.IngestServiceStub(channel).Ingest(iter(()), timeout=10):
@@ -290,51 +313,26 @@ def ingest_available(target: str) -> bool:
     return True
 
 
-def _ingest_requests(lab: Lab, activate: bool) -> Iterator[Any]:
-    from colgrid_client._pb import colgrid_pb2 as pb
-    from colgrid_server.documents import read_jsonl
-
-    yield pb.IngestRequest(options=pb.IngestOptions(index=INDEX, activate=activate, actor=ACTOR))
-    for doc in read_jsonl(lab.corpus):
-        yield pb.IngestRequest(document=pb.IngestDocument(id=doc.id, text=doc.text))
-
-
 def ingest_trial(lab: Lab, result: TrialResult, rng: random.Random) -> None:
-    """SIGKILL the server while it ingests a streamed corpus, restart it, check."""
-    import grpc
-
-    from colgrid_client._pb import colgrid_pb2_grpc as pb_grpc
-
+    """SIGKILL the server while it ingests the corpus streamed by a client, restart it, check."""
     server = lab.live_server()
     before = lab.versions()
     acked = pointers(lab.registry.get_rollout(INDEX))
     activate = rng.random() < 0.5
-    result.kill_delay_s = rng.uniform(*INGEST_KILL_S)
-    result.kill_plan = f"during Ingest ({'activate' if activate else 'no-activate'})"
     stages: list[str] = []
-
-    def stream() -> None:
-        with grpc.insecure_channel(server.target) as channel:
-            try:
-                for progress in pb_grpc.IngestServiceStub(channel).Ingest(_ingest_requests(lab, activate), timeout=120):
-                    stages.append(progress.stage)
-            except grpc.RpcError:
-                pass  # the kill ends the stream
-
-    thread = threading.Thread(target=stream, daemon=True)
+    thread = threading.Thread(target=lab.ingest, args=(server.target, activate, stages.append), daemon=True)
+    began = time.monotonic()
     thread.start()
-    time.sleep(result.kill_delay_s)
-    result.interrupted = server.kill()
+    try:
+        plan = _aim(lab, server.proc, set(before), lab.ingest_timing, rng)
+    finally:
+        result.kill_delay_s = time.monotonic() - began
+        result.interrupted = server.kill()
     thread.join(60)
+    result.kill_plan = f"{plan} ({'activate' if activate else 'no-activate'})"
     if stages:
         result.notes.append(f"last ingest stage seen: {stages[-1]}")
-    after = lab.versions()
-    new = set(after) - set(before)
-    pending = PendingChange("set_stable", {"version": None}, expectation("set_stable", {"version": None})) \
-        if activate else None
-    rollout = _verify(lab, result, acked, pending, new)
-    result.landed = _build_landed(result, new, after, activate, rollout) if len(new) <= 1 else f"{len(new)} versions"
-    lab.once_building |= {v for v in new if after[v] is VersionState.BUILDING}
+    rollout = _after_build_kill(lab, result, before, acked, activate)
     started = time.monotonic()
     lab.start_server()
     result.restart_s = round(time.monotonic() - started, 3)

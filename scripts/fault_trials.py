@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import random
+import signal
 import statistics
 import sys
 import tempfile
@@ -53,6 +54,7 @@ class FaultReport:
     unavailable: dict[str, str] = field(default_factory=dict)  # phase -> why it did not run
     setup: dict = field(default_factory=dict)
     stale_building_final: dict[str, str] = field(default_factory=dict)
+    replicas_at_end: dict[str, int] = field(default_factory=dict)  # killed servers' rows stay behind
     elapsed_s: float = 0.0
 
     @property
@@ -80,6 +82,7 @@ class FaultReport:
                                                                    for s in self.stale_building_final.values())},
             "tmp_dirs_at_end": self.trials[-1].tmp_dirs if self.trials else 0,
             "published_not_ready_at_end": self.trials[-1].published_not_ready if self.trials else [],
+            "replicas_at_end": self.replicas_at_end,
             "unavailable_phases": self.unavailable,
             "elapsed_s": round(self.elapsed_s, 1),
         }
@@ -91,10 +94,12 @@ class FaultReport:
 
 
 def run_trials(config: LabConfig, *, trials: int, phases: Sequence[str] = ("build", "rollout", "ingest"),
-               on_trial: Callable[[TrialResult], None] | None = None) -> FaultReport:
+               on_trial: Callable[[TrialResult], None] | None = None,
+               stop: Callable[[], bool] = lambda: False) -> FaultReport:
     """Prepare a lab in config.work_dir and run `trials` kill trials, phases in a shuffled even
-    mix. A phase the server does not offer (ingest, until the Ingest RPC exists) is left out and
-    named in `report.unavailable`."""
+    mix. A phase the server does not offer (ingest, without the Ingest RPC) is left out and
+    named in `report.unavailable`. `stop()` is asked between trials: True ends the run early
+    (the report holds the trials done)."""
     unknown = set(phases) - set(PHASES)
     if unknown:
         raise ValueError(f"unknown phases {sorted(unknown)}; choose from {sorted(PHASES)}")
@@ -108,11 +113,17 @@ def run_trials(config: LabConfig, *, trials: int, phases: Sequence[str] = ("buil
                         "build_allocated_to_exit_s": round(lab.timing.allocated_to_exit_s, 3),
                         "server_start_s": round(lab.server.started_s, 3), "initial_versions": lab.ready_versions()}
         runnable = [p for p in phases if p != "ingest" or _offers_ingest(lab, report)]
+        if "ingest" in runnable:
+            timing = lab.time_ingest()
+            report.setup.update(ingest_to_allocated_s=round(timing.to_allocated_s, 3),
+                                ingest_allocated_to_exit_s=round(timing.allocated_to_exit_s, 3))
         if not runnable:
             raise ValueError(f"none of the phases {list(phases)} can run here: {report.unavailable}")
         schedule = [runnable[i % len(runnable)] for i in range(trials)]
         rng.shuffle(schedule)
         for number, phase in enumerate(schedule, start=1):
+            if stop():
+                break
             seed = rng.randrange(2**31)
             result = TrialResult(trial=number, phase=phase, seed=seed)
             started = time.monotonic()
@@ -128,6 +139,8 @@ def run_trials(config: LabConfig, *, trials: int, phases: Sequence[str] = ("buil
                 on_trial(result)
         states = lab.versions()
         report.stale_building_final = {v: states[v].value for v in sorted(lab.once_building)}
+        replicas = lab.registry.list_replicas()
+        report.replicas_at_end = {"live": sum(r.live for r in replicas), "stale": sum(not r.live for r in replicas)}
     finally:
         lab.close()
         report.elapsed_s = time.monotonic() - began
@@ -137,8 +150,8 @@ def run_trials(config: LabConfig, *, trials: int, phases: Sequence[str] = ("buil
 def _offers_ingest(lab: Lab, report: FaultReport) -> bool:
     if ingest_available(lab.live_server().target):
         return True
-    report.unavailable["ingest"] = ("the server answers IngestService.Ingest with UNIMPLEMENTED; the phase "
-                                    "runs once the Ingest RPC is served")
+    report.unavailable["ingest"] = ("no Client.ingest in the SDK, or the server answers IngestService.Ingest "
+                                    "with UNIMPLEMENTED; the phase runs once both exist")
     return False
 
 
@@ -161,12 +174,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--work-dir", type=Path, help="keep the data dir and logs here (default: a temporary dir)")
     args = parser.parse_args(argv)
 
+    stopping: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):  # finish the trial under way, then write what we have
+        signal.signal(sig, lambda number, _frame: stopping.append(number))
     with tempfile.TemporaryDirectory(prefix="colgrid-faults-") as tmp:
         config = LabConfig(work_dir=args.work_dir or Path(tmp), documents=args.docs, encoder_dir=args.encoder,
                            seed=args.seed)
         print(f"fault trials: {args.trials} on {INDEX!r}, phases {args.phases}, work dir {config.work_dir}", flush=True)
         report = run_trials(config, trials=args.trials, phases=[p for p in args.phases.split(",") if p],
-                            on_trial=lambda t: print(_line(t), flush=True))
+                            on_trial=lambda t: print(_line(t), flush=True), stop=lambda: bool(stopping))
     document = report.to_json()
     document["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(),
                            "python": platform.python_version(), "load_average": os.getloadavg()}
@@ -174,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.write_text(json.dumps(document, indent=2, default=str) + "\n")
     print(json.dumps(document["summary"], indent=2, default=str))
     print(f"wrote {args.out}")
-    return 1 if report.violations else 0
+    return 1 if report.violations or stopping else 0
 
 
 if __name__ == "__main__":
