@@ -14,9 +14,9 @@ from colgrid_client import _base as base
 from colgrid_client._errors import from_rpc_error
 from colgrid_client import _convert as convert
 from colgrid_client._types import AuditEntry, IndexInfo, Matrix, RolloutStatus, SearchResult, Version
-from colgrid_client._types import Explanation
 from colgrid_client._types import EvalQuery, PromotePolicy, VersionEvaluation
 from colgrid_client._types import IngestDoc, IngestOptions, IngestProgress, IngestResult
+from colgrid_client._types import Explanation
 
 T = TypeVar("T")
 
@@ -25,18 +25,20 @@ class AsyncClient:
     """An asyncio colgrid client over one grpc.aio channel; create it inside the running loop.
 
     Same options and semantics as `Client`: `timeout` bounds each whole call (retries
-    included), UNAVAILABLE is retried with jittered exponential backoff on unary calls only.
+    included), UNAVAILABLE is retried with jittered exponential backoff on unary calls only;
+    `api_key`, `root_certificates`, `private_key` and `certificate_chain` as for `Client`.
     """
 
-    def __init__(self, target: str = base.DEFAULT_TARGET, *, timeout: float | None = 30.0,
+    def __init__(self, target: str = base.DEFAULT_TARGET, *, api_key: str | None = None,
+                 root_certificates: base.PemSource | None = None, private_key: base.PemSource | None = None,
+                 certificate_chain: base.PemSource | None = None, timeout: float | None = 30.0,
                  retries: int = 3, backoff: float = 0.1,
                  credentials: grpc.ChannelCredentials | None = None,
                  options: Sequence[tuple[str, Any]] | None = None) -> None:
         self._retry = base.RetryPolicy(retries=retries, backoff=backoff)
         self._timeout = timeout
-        merged = base.channel_options(options)
-        self._channel = (grpc.aio.secure_channel(target, credentials, options=merged)
-                         if credentials else grpc.aio.insecure_channel(target, options=merged))
+        credentials = base.channel_credentials(credentials, root_certificates, private_key, certificate_chain)
+        self._channel = base.aio_channel(target, credentials, base.channel_options(options), api_key)
         self._stubs = base.Stubs.on(self._channel)
         self.target = target
 

@@ -14,9 +14,9 @@ from colgrid_client import _base as base
 from colgrid_client._errors import from_rpc_error
 from colgrid_client import _convert as convert
 from colgrid_client._types import AuditEntry, IndexInfo, Matrix, RolloutStatus, SearchResult, Version
-from colgrid_client._types import Explanation
 from colgrid_client._types import EvalQuery, PromotePolicy, VersionEvaluation
 from colgrid_client._types import IngestDoc, IngestOptions, IngestProgress, IngestResult
+from colgrid_client._types import Explanation
 
 T = TypeVar("T")
 
@@ -28,19 +28,25 @@ class Client:
     the whole call, retries included, and for `search_stream` the whole stream. Calls failing
     with UNAVAILABLE are retried up to `retries` times with exponential backoff (`backoff`
     seconds, doubled each time, jittered); no other failure is retried, and streams are not.
-    `credentials` (grpc.ChannelCredentials) makes a TLS channel; `options` are grpc channel
-    options, added to ours (64 MiB message limits).
+    `options` are grpc channel options, added to ours (64 MiB message limits).
+
+    Security: `api_key` is sent as `authorization: Bearer <key>` on every call, streams
+    included. `root_certificates` (the CA that signed the server's certificate) makes a TLS
+    channel; `private_key` + `certificate_chain` add this client's certificate for mutual TLS.
+    Each is PEM bytes, PEM text, or a file path. `credentials` (grpc.ChannelCredentials) is the
+    alternative for anything else, e.g. grpc.ssl_channel_credentials() for the system's CAs.
     """
 
-    def __init__(self, target: str = base.DEFAULT_TARGET, *, timeout: float | None = 30.0,
+    def __init__(self, target: str = base.DEFAULT_TARGET, *, api_key: str | None = None,
+                 root_certificates: base.PemSource | None = None, private_key: base.PemSource | None = None,
+                 certificate_chain: base.PemSource | None = None, timeout: float | None = 30.0,
                  retries: int = 3, backoff: float = 0.1,
                  credentials: grpc.ChannelCredentials | None = None,
                  options: Sequence[tuple[str, Any]] | None = None) -> None:
         self._retry = base.RetryPolicy(retries=retries, backoff=backoff)
         self._timeout = timeout
-        merged = base.channel_options(options)
-        self._channel = (grpc.secure_channel(target, credentials, options=merged) if credentials
-                         else grpc.insecure_channel(target, options=merged))
+        credentials = base.channel_credentials(credentials, root_certificates, private_key, certificate_chain)
+        self._channel = base.sync_channel(target, credentials, base.channel_options(options), api_key)
         self._stubs = base.Stubs.on(self._channel)
         self.target = target
 

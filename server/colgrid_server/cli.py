@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import time
@@ -16,8 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from colgrid_server.cli_eval import add_eval_verb
-from colgrid_server.cli_ingest import add_ingest_verb
 from colgrid_server.cli_explain import add_explain_verb
+from colgrid_server.cli_ingest import add_ingest_verb
+from colgrid_server.cli_keys import add_keys_verbs
 from colgrid_server.cli_rollout import add_rollout_verbs
 
 DEMO_INDEX = "stdlib"
@@ -32,6 +32,9 @@ def _settings(args: argparse.Namespace):
         "host": getattr(args, "host", None),
         "port": getattr(args, "port", None),
         "device": getattr(args, "device", None),
+        **{name: getattr(args, name, None) for name in (
+            "log_format", "api_keys_file", "tls_cert", "tls_key", "tls_client_ca", "metrics_port", "metrics_host",
+            "max_queued_requests", "worker_threads")},
     })
 
 
@@ -42,8 +45,10 @@ def _registry(settings):
     return open_registry(settings.registry_location)
 
 
-def _logging(level: str) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _logging(level: str, log_format: str = "text") -> None:
+    from colgrid_server.observability import configure_logging
+
+    configure_logging(level, log_format)  # json: one object per line, with request ids
 
 
 # --------------------------------------------------------------------------------- server verbs
@@ -52,7 +57,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from colgrid_server.service.app import serve
 
     settings = _settings(args)
-    _logging(settings.log_level)
+    _logging(settings.log_level, settings.log_format)
     serve(settings)
     return 0
 
@@ -66,7 +71,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from colgrid_server.storage import storage_for
 
     settings = _settings(args)
-    _logging(settings.log_level)
+    _logging(settings.log_level, settings.log_format)
     with _registry(settings) as registry:
         registry.ensure_index(DEMO_INDEX)
         if not registry.get_rollout(DEMO_INDEX).stable:
@@ -278,6 +283,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="interface to bind (default localhost)")
     p.add_argument("--port", type=int, help="port (default 50051; 0 picks a free one)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="MaxSim device (default auto)")
+    p.add_argument("--log-format", choices=["text", "json"], help="json: one object per line (default text)")
+    p.add_argument("--api-keys-file", help="require API keys from this file (`colgrid keys create`)")
+    p.add_argument("--tls-cert", help="server certificate (PEM); with --tls-key serves TLS only")
+    p.add_argument("--tls-key", help="server private key (PEM)")
+    p.add_argument("--tls-client-ca", help="CA (PEM) client certificates must be signed by: mutual TLS")
+    p.add_argument("--metrics-port", type=int, help="Prometheus /metrics on this port (default 0: off)")
+    p.add_argument("--metrics-host", help="interface for metrics (default localhost)")
+    p.add_argument("--max-queued-requests", type=int,
+                   help="calls waiting beyond the workers before new ones are refused (default 256)")
+    p.add_argument("--worker-threads", type=int, help="search/encode worker threads (default 4)")
     p.set_defaults(fn=cmd_serve)
 
     p = verbs.add_parser("demo", help="build the stdlib demo index if absent, then serve",
@@ -368,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_explain_verb(verbs, client_opts)
     add_eval_verb(verbs, client_opts)
     add_ingest_verb(verbs, client_opts)
+    add_keys_verbs(verbs)
     return parser
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import logging
 import signal
 import uuid
@@ -22,7 +21,9 @@ from colgrid_registry import open_registry
 from colgrid_server.catalog import EncoderCatalog
 from colgrid_server.config import Settings
 from colgrid_server.errors import FailedPrecondition
+from colgrid_server.observability import Metrics, WorkerPool, request_id
 from colgrid_server.paths import DataDir
+from colgrid_server.security import Gate, bind, guard_interceptors, startup_warnings
 from colgrid_server.serving import Replica, ServingState, default_replica_id
 from colgrid_server.serving._replica import advertised_host
 from colgrid_server.service.encode_rpc import EncodeService
@@ -34,7 +35,6 @@ from colgrid_server.service.search_rpc import SearchService
 from colgrid_server.storage import storage_for
 
 log = logging.getLogger(__name__)
-request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 SERVICE_NAMES = tuple(pb.DESCRIPTOR.services_by_name[name].full_name
                       for name in ("SearchService", "EncodeService", "RegistryService", "RolloutService",
                                    "EvaluationService", "IngestService"))
@@ -64,6 +64,7 @@ class RunningServer:
     executor: ThreadPoolExecutor
     admin_executor: ThreadPoolExecutor
     settings: Settings
+    metrics: Metrics | None = None  # the HTTP exporter, when metrics_port is set
     _watcher: asyncio.Task | None = field(default=None, repr=False)
 
     async def refresh(self) -> bool:
@@ -103,6 +104,8 @@ class RunningServer:
         await self.server.stop(self.settings.grace_seconds if grace is None else grace)
         self.executor.shutdown(wait=True, cancel_futures=True)
         self.admin_executor.shutdown(wait=True, cancel_futures=True)
+        if self.metrics is not None:
+            self.metrics.close()
         self.replica.forget()  # a replica that stopped on purpose is not waited for
         self.state.close()
         self.state.registry.close()
@@ -117,14 +120,20 @@ async def start_server(settings: Settings) -> RunningServer:
     catalog = EncoderCatalog(data.encoders, threads=settings.encoder_threads or None)
     device = None if settings.device == "auto" else settings.device
     state = ServingState(registry, catalog, device=device, storage=storage_for(settings))
-    executor = ThreadPoolExecutor(settings.worker_threads, thread_name_prefix="colgrid-work")
+    executor = WorkerPool(settings.worker_threads, thread_name_prefix="colgrid-work")
     # Registry polls, version loads and rollout changes run here, never queued behind searches
     # (and a slow version load never occupies a search worker).
     admin_executor = ThreadPoolExecutor(ADMIN_THREADS, thread_name_prefix="colgrid-admin")
     options = [("grpc.max_receive_message_length", settings.max_message_bytes),
                ("grpc.max_send_message_length", settings.max_message_bytes)]
-    server = grpc.aio.server(interceptors=[RequestIdInterceptor()], options=options)
-    port = server.add_insecure_port(settings.target)
+    # Metrics sit outside the guards so refused calls are counted; auth refuses before
+    # admission so unauthenticated callers never take a place in the queue.
+    gate = Gate.for_settings(settings)
+    metrics = Metrics(executor, gate) if settings.metrics_port else None
+    interceptors = [RequestIdInterceptor(), *([metrics.interceptor] if metrics else []),
+                    *guard_interceptors(settings, gate)]
+    server = grpc.aio.server(interceptors=interceptors, options=options)
+    port = bind(server, settings)  # TLS when tls_cert/tls_key are set
     if port == 0 and settings.port != 0:
         raise FailedPrecondition(f"cannot listen on {settings.target}: is another server using the port?")
     # Several replicas behind one address need distinct ids (COLGRID_REPLICA_ID); else
@@ -146,9 +155,14 @@ async def start_server(settings: Settings) -> RunningServer:
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server)
+    if metrics is not None:  # before the gRPC server, so a busy metrics port fails the start cleanly
+        metrics.serve(settings.metrics_host, settings.metrics_port)
     await server.start()
+    for warning in startup_warnings(settings, port):
+        log.warning(warning)
     running = RunningServer(server=server, port=port, state=state, replica=replica, health=health,
-                            executor=executor, admin_executor=admin_executor, settings=settings)
+                            executor=executor, admin_executor=admin_executor, settings=settings,
+                            metrics=metrics)
     if not await running.refresh():
         log.warning("some indexes could not be loaded; serving the rest")
     running._watcher = asyncio.create_task(running._watch())
