@@ -61,9 +61,9 @@ def server(tmp_path_factory, encoder_dir, tiny_colqwen2_dir) -> Iterator[LiveSer
 
 @pytest.fixture(scope="module")
 def small_server(tmp_path_factory, encoder_dir, tiny_colqwen2_dir) -> Iterator[LiveServer]:
-    """A server that takes at most 3 documents per ingest stream."""
+    """A server that takes at most 3 documents per ingest stream and PDFs of 2 pages at most."""
     data = _data_dir_with_encoders(tmp_path_factory.mktemp("ingest-small"), encoder_dir, tiny_colqwen2_dir)
-    live, thread = start_live_server(data, max_ingest_documents=3)
+    live, thread = start_live_server(data, max_ingest_documents=3, max_pdf_pages=2)
     yield live
     stop_live_server(live, thread)
 
@@ -184,7 +184,7 @@ def test_mixed_ingest_indexes_text_images_and_pdf_pages_whose_patch_boxes_lie_on
     docs = [IngestDoc.file(mixed_sources_dir / name) for name in
             ("notes.txt", "readme.md", "chart.png", "photo.jpg", "report.pdf")]
     result = client.ingest("mixed", docs, encoder_id=colqwen2_id, pdf_dpi=36, n_centroids=16)
-    assert result.errors == () and result.encoded == 7  # 2 texts, 2 images, 3 pages
+    assert result.errors == () and result.received == result.encoded == 7  # 2 texts, 2 images, 3 pages
     answer = client.search("mixed", "Quarterly profit margins chart", k=10, explain=True, exhaustive=True)
     assert {h.doc_id for h in answer} == {"notes.txt", "readme.md", "chart.png", "photo.jpg", "report.pdf#p1",
                                           "report.pdf#p2", "report.pdf#p3"}
@@ -226,6 +226,24 @@ def test_bad_documents_are_each_reported_with_a_code_and_the_rest_is_indexed(
     messages = {e.document: e.message for e in result.errors}
     assert messages["truncated"].startswith("cut.pdf: ") and "truncated" in messages["truncated"]
     assert "password" in messages["encrypted"]
+
+
+def test_a_pdf_over_the_page_limit_is_refused_whole(small_server: LiveServer, colqwen2_id: str,
+                                                   report_pdf: bytes) -> None:
+    with Client(small_server.target, timeout=120, retries=0) as client:
+        result = client.ingest("long-pdf", [IngestDoc.text("t", "a short note"), IngestDoc.pdf("report", report_pdf)],
+                               encoder_id=colqwen2_id, n_centroids=4)
+    assert [(e.document, e.code) for e in result.errors] == [("report", "pdf_too_many_pages")]
+    assert "max_pdf_pages=2" in result.errors[0].message and result.version.documents == 1
+
+
+def test_without_an_encoder_id_a_new_version_keeps_the_stable_versions_encoder(
+        client: Client, colqwen2_id: str) -> None:
+    first = client.ingest("same-encoder", [IngestDoc.image("chart", png_bytes(chart_image(64, 48)))],
+                          encoder_id=colqwen2_id, n_centroids=4)
+    second = client.ingest("same-encoder", [IngestDoc.image("chart", png_bytes(chart_image(80, 48)))], n_centroids=4)
+    assert first.version.encoder_id == second.version.encoder_id == colqwen2_id
+    assert second.errors == () and second.version.encoder_kind == "colqwen2"
 
 
 def test_a_stream_with_nothing_indexable_is_invalid_and_leaves_no_ready_version(
