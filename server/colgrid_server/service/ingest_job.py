@@ -348,9 +348,11 @@ class IngestJob:
         uploads: set[str] = set()
         items: set[str] = set()
         for upload in self._channel:
-            if upload.id in uploads:
-                produced: Iterator[SourceItem | SourceError] = iter([_error(
-                    upload, ErrorCode.DUPLICATE_ID, "an earlier document in this stream has this id")])
+            problem = _id_problem(upload)
+            if problem is None and upload.id in uploads:
+                problem = _error(upload, ErrorCode.DUPLICATE_ID, "an earlier document in this stream has this id")
+            if problem is not None:
+                produced: Iterator[SourceItem | SourceError] = iter([problem])
             else:
                 uploads.add(upload.id)
                 produced = self._convert(upload, images)
@@ -370,10 +372,6 @@ class IngestJob:
             self._update(stage="clustering")
 
     def _convert(self, upload: Upload, images: bool) -> Iterator[SourceItem | SourceError]:
-        problem = _id_problem(upload)
-        if problem is not None:
-            yield problem
-            return
         if upload.kind == "text":
             if not (upload.text or "").strip():
                 yield _error(upload, ErrorCode.INVALID_DOCUMENT, "has no text")

@@ -8,8 +8,10 @@ PROGRESS_EVERY inputs or PROGRESS_INTERVAL_S seconds. Refused documents are repo
 progress messages; the stream fails (and the version is FAILED, never READY) when the options
 are invalid, a document breaks the stream's rules (vectors without external_vectors, a dim that
 changes, more than max_ingest_documents), nothing could be indexed, or the caller cancels.
-After an activating ingest this server serves the new version at once; other replicas pick it
-up on their next registry poll (registry_poll_seconds).
+After an activating ingest this server serves the new version at once (loaded, checked and
+warmed before stable moves); other replicas pick it up on their next registry poll
+(registry_poll_seconds). If that load check fails, the stream ends FAILED_PRECONDITION naming
+the check, and the version stays READY (it was built and verified) without becoming stable.
 """
 from __future__ import annotations
 
@@ -26,18 +28,19 @@ from colgrid_client._pb import colgrid_pb2_grpc as pb_grpc
 from colgrid_registry._names import check_name  # the registry's own rule, checked before any work
 from colgrid_server.config import Settings
 from colgrid_server.errors import InvalidArgument, ResourceExhausted
+from colgrid_server.index import CODECS
+from colgrid_server.index._pooling import MAX_POOL_FACTOR
 from colgrid_server.ingest import SourceError
+from colgrid_server.ingest._sources import MAX_PDF_DPI
 from colgrid_server.paths import DataDir
 from colgrid_server.serving import ServingState
-from colgrid_server.service import convert, requests
+from colgrid_server.service import convert
 from colgrid_server.service.ingest_job import (
     DocumentChannel, IngestCancelled, IngestJob, IngestPlan, Progress, Upload)
 from colgrid_server.service.status import abort_with
 
 PROGRESS_EVERY = 64
 PROGRESS_INTERVAL_S = 0.5
-_CODECS = ("fp16", "int8", "residual4", "residual2")  # colgrid_server.index.CODECS, without importing torch
-_MAX_PDF_DPI = 600  # as ingest.iter_sources
 
 
 class IngestService(pb_grpc.IngestServiceServicer):
@@ -159,23 +162,24 @@ async def _first_options(request_iterator: AsyncIterator[pb.IngestRequest]) -> p
 
 
 def _plan(options: pb.IngestOptions, settings: Settings) -> IngestPlan:
-    index = requests.index_name(options.index, field="options.index")
+    index = options.index
+    if not index:
+        raise InvalidArgument("options.index is required: name the index to build a version of (created if new)",
+                              field="options.index")
     try:
         check_name(index, kind="index")
     except ValueError as exc:
         raise InvalidArgument(str(exc), field="options.index") from exc
     codec = options.codec or "fp16"
-    if codec not in _CODECS:
-        raise InvalidArgument(f"codec {codec!r} is not one of {', '.join(_CODECS)}", field="options.codec")
+    if codec not in CODECS:
+        raise InvalidArgument(f"codec {codec!r} is not one of {', '.join(CODECS)}", field="options.codec")
     pool_factor = options.pool_factor or 1
-    from colgrid_server.index._pooling import MAX_POOL_FACTOR
-
     if pool_factor > MAX_POOL_FACTOR:
         raise InvalidArgument(f"pool_factor must be 1..{MAX_POOL_FACTOR} (0 or 1: no pooling), got {pool_factor}",
                               field="options.pool_factor")
     dpi = options.pdf_dpi or settings.pdf_dpi
-    if dpi > _MAX_PDF_DPI:
-        raise InvalidArgument(f"pdf_dpi must be 1..{_MAX_PDF_DPI} (0: the server's {settings.pdf_dpi}), got {dpi}",
+    if dpi > MAX_PDF_DPI:
+        raise InvalidArgument(f"pdf_dpi must be 1..{MAX_PDF_DPI} (0: the server's {settings.pdf_dpi}), got {dpi}",
                               field="options.pdf_dpi")
     if options.external_vectors and options.encoder_id:
         raise InvalidArgument("external_vectors and encoder_id exclude each other: vectors computed elsewhere "
