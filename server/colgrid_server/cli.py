@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from colgrid_server.cli_client import client_opts, connect
 from colgrid_server.cli_eval import add_eval_verb
 from colgrid_server.cli_explain import add_explain_verb
 from colgrid_server.cli_ingest import add_ingest_verb
@@ -225,9 +226,8 @@ def cmd_registry_show(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------- client verbs
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from colgrid_client import Client
 
-    with Client(args.target, timeout=args.timeout) as client:
+    with connect(args) as client:
         result = client.search(args.index, args.query, k=args.k, explain=args.explain,
                                nprobe=args.nprobe, n_candidates=args.n_candidates)
     if args.json:
@@ -252,9 +252,8 @@ def _result_json(result) -> dict:
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
-    from colgrid_client import Client
 
-    with Client(args.target, timeout=args.timeout) as client:
+    with connect(args) as client:
         matrix = client.encode_query(args.index, args.text)
     print(f"{matrix.rows} × {matrix.dim} query multi-vector")
     for i, token in enumerate(matrix.tokens):
@@ -272,11 +271,6 @@ def build_parser() -> argparse.ArgumentParser:
     def data_opts(p: argparse.ArgumentParser) -> None:
         p.add_argument("--data-dir", help="data directory (default ./data or $COLGRID_DATA_DIR)")
         p.add_argument("--registry", help="registry URL/path (default <data-dir>/registry.db)")
-
-    def client_opts(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--target", default=os.environ.get("COLGRID_TARGET", "localhost:50051"),
-                       help="server address (default localhost:50051)")
-        p.add_argument("--timeout", type=float, default=30.0, help="deadline in seconds")
 
     p = verbs.add_parser("serve", help="run the gRPC server", description="Run the gRPC server.")
     data_opts(p)

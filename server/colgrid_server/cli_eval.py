@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
+from colgrid_server.cli_client import connect
+
 EVAL_TIMEOUT_S = 600.0  # an evaluation runs every query on every version: longer than a search
 
 
@@ -38,12 +40,11 @@ def add_eval_verb(verbs: argparse._SubParsersAction, client_opts) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from colgrid_client import Client
     from colgrid_server.evaluation import read_beir, read_query_set
 
     judged = read_beir(args.queries, args.qrels) if args.qrels else read_query_set(args.queries)
     queries = [{"query_id": q.query_id, "query": q.text, "relevant": dict(q.relevance)} for q in judged]
-    with Client(args.target, timeout=args.timeout) as client:
+    with connect(args) as client:
         results = client.evaluate(args.index, queries, versions=args.versions or None, k=args.k,
                                   query_set=args.query_set, record=args.record, nprobe=args.nprobe,
                                   n_candidates=args.n_candidates)

@@ -12,6 +12,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from colgrid_server.cli_client import connect
+
 
 def add_explain_verb(verbs: argparse._SubParsersAction, client_opts) -> None:
     p = verbs.add_parser("explain", help="show why a document matched a query; heatmap PNG for pages",
@@ -32,9 +34,8 @@ def add_explain_verb(verbs: argparse._SubParsersAction, client_opts) -> None:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from colgrid_client import Client
 
-    with Client(args.target, timeout=args.timeout) as client:
+    with connect(args) as client:
         explanation = client.explain(args.index, args.doc_id, args.query, query_token=args.token,
                                      render=args.out is not None, version=args.version, alpha=args.alpha)
     if args.json:

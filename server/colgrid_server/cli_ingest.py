@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from colgrid_server.cli_client import connect
+
 CODECS = ("fp16", "int8", "residual4", "residual2")
 
 
@@ -39,7 +41,6 @@ def add_ingest_verb(verbs: argparse._SubParsersAction, client_opts) -> None:
 def cmd_ingest(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from colgrid_client import Client
 
     skipped: list[str] = []
     bar = tqdm(desc=f"ingest {args.index}", unit="doc", file=sys.stderr, disable=None, dynamic_ncols=True)
@@ -55,7 +56,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             bar.write(f"skipped {error.document}: {error.message} [{error.code}]", file=sys.stderr)
 
     try:
-        with Client(args.target, timeout=args.timeout) as client:
+        with connect(args) as client:
             result = client.ingest(args.index, _documents(args.paths, local_error), encoder_id=args.encoder_id or None,
                                    codec=args.codec, activate=args.activate, pool_factor=args.pool_factor,
                                    pdf_dpi=args.pdf_dpi, n_centroids=args.n_centroids, actor=_actor(),

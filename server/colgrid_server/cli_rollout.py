@@ -13,6 +13,8 @@ import os
 from datetime import datetime, timezone
 from typing import Any
 
+from colgrid_server.cli_client import connect
+
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
@@ -108,9 +110,8 @@ def _default_actor() -> str:
 # --------------------------------------------------------------------------------------- verbs
 
 def _client(args: argparse.Namespace):
-    from colgrid_client import Client
 
-    return Client(args.target, timeout=args.timeout)
+    return connect(args)
 
 
 def _change(args: argparse.Namespace, method: str, *positional: Any, **extra: Any) -> int:
