@@ -98,6 +98,29 @@ def build_index_from_sources(data: DataDir, registry: Registry, name: str,
                              activate=activate, actor=actor, reason=reason, storage=storage)
 
 
+def build_index_from_vectors(data: DataDir, registry: Registry, name: str, path: Path, *, normalized: bool,
+                             activate: bool = True, build_params: Mapping[str, Any] | None = None,
+                             progress: bool = True, actor: str = "cli", reason: str = "",
+                             storage: VersionStorage | None = None) -> BuildOutcome:
+    """Build from precomputed multi-vectors in files (`index.load_vector_files`: tokens .npy +
+    offsets + ids, or one .safetensors). The version records its dim and normalisation and
+    that its encoder is external: it is searched with query vectors."""
+    from colgrid_server.index import build_version_from_arrays, external_encoder_ref, load_vector_files
+
+    registry.ensure_index(name)
+    files = load_vector_files(path)
+    encoder = external_encoder_ref(int(files.tokens.shape[1]), normalized)
+    params = {**dict(build_params or {}), "vectors": str(path)}
+
+    def write(final_dir: Path) -> tuple[VersionSummary, tuple[SourceError, ...]]:
+        return build_version_from_arrays(final_dir, tokens=files.tokens, doc_offsets=files.doc_offsets,
+                                         doc_ids=files.doc_ids, metadata=files.metadata, normalized=normalized,
+                                         build_params=params, progress=progress), ()
+
+    return _registered_build(data, registry, name, encoder, params, write, activate=activate, actor=actor,
+                             reason=reason, storage=storage)
+
+
 def _registered_build(data: DataDir, registry: Registry, name: str, encoder: Any, params: Mapping[str, Any],
                       write: Callable[[Path], tuple[VersionSummary, tuple[SourceError, ...]]], *,
                       activate: bool, actor: str, reason: str,

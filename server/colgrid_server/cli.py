@@ -155,6 +155,11 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         refused.append(error)
         print(f"skipped {error.id}: {error.reason} [{error.code}]", file=sys.stderr)
 
+    if args.vectors:
+        return _build_from_vectors(args, settings, started)
+    if not args.input:
+        raise InvalidArgument("give --input files/folders, or --vectors for precomputed multi-vectors",
+                              field="input")
     sources = iter_sources(args.input, pdf_dpi=args.pdf_dpi or settings.pdf_dpi,
                            max_image_pixels=settings.max_image_pixels, max_pdf_pages=settings.max_pdf_pages)
     params = {"input": [str(p) for p in args.input], "codec": args.codec}
@@ -170,6 +175,24 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     print(f"{outcome.index}/{outcome.version} READY: {s.documents} documents, {s.tokens} tokens, "
           f"{s.centroids} centroids, built in {time.perf_counter() - started:.1f}s"
           + (f", {len(refused)} inputs skipped" if refused else "")
+          + (" — now serving (stable)" if outcome.activated else " — not activated"))
+    return 0
+
+
+def _build_from_vectors(args: argparse.Namespace, settings, started: float) -> int:
+    from colgrid_server.builder import build_index_from_vectors
+    from colgrid_server.paths import DataDir
+    from colgrid_server.storage import storage_for
+
+    params = {"codec": args.codec, **({"n_centroids": args.n_centroids} if args.n_centroids else {})}
+    with _registry(settings) as registry:
+        outcome = build_index_from_vectors(DataDir(settings.data_dir), registry, args.name, args.vectors,
+                                           normalized=not args.not_normalized, activate=not args.no_activate,
+                                           build_params=params, progress=sys.stderr.isatty(),
+                                           storage=storage_for(settings))
+    s = outcome.summary
+    print(f"{outcome.index}/{outcome.version} READY: {s.documents} documents, {s.tokens} external vectors "
+          f"(dim {s.dim}), built in {time.perf_counter() - started:.1f}s; search it with query vectors"
           + (" — now serving (stable)" if outcome.activated else " — not activated"))
     return 0
 
@@ -323,8 +346,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "({id, text, metadata?} per line), .txt/.md, images (PNG, JPEG, TIFF, WebP) "
                                    "and PDFs (one document per page). Images need a multimodal encoder.")
     p.add_argument("name")
-    p.add_argument("--input", required=True, nargs="+", type=Path, metavar="PATH",
+    p.add_argument("--input", nargs="+", type=Path, metavar="PATH",
                    help="files or folders (walked recursively); JSONL, text, images, PDFs")
+    p.add_argument("--vectors", type=Path, metavar="PATH",
+                   help="instead of --input: precomputed multi-vectors (a dir with tokens.npy, doc_offsets.npy, "
+                        "doc_ids.json; or a .safetensors file); searched with query vectors")
+    p.add_argument("--not-normalized", action="store_true",
+                   help="with --vectors: the vectors are not unit length (default: they are, and it is checked)")
     p.add_argument("--encoder", help="encoder dir (default: bundled all-MiniLM-L6-v2)")
     p.add_argument("--batch-size", type=int, default=64, help=argparse.SUPPRESS)  # kept for old scripts
     p.add_argument("--no-activate", action="store_true", help="leave the new version READY but not serving")
