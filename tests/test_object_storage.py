@@ -260,6 +260,26 @@ def test_a_missing_bucket_is_reported_as_unavailable_storage(s3_server, tmp_path
         storage.fetch(storage.uri_for(INDEX, "v1"))
 
 
+def test_settings_choose_the_storage_and_its_cache(s3_server, tmp_path):
+    from colgrid_server.config import Settings
+    from colgrid_server.storage import storage_for
+
+    assert isinstance(storage_for(Settings(data_dir=tmp_path)), LocalStorage)
+    remote = storage_for(Settings(data_dir=tmp_path, storage_url="s3://bucket/prefix/"))
+    assert isinstance(remote, ObjectStorage) and remote.cache.root == (tmp_path / "cache").resolve()
+    assert remote.uri_for(INDEX, "v3") == "s3://bucket/prefix/indexes/docs/v3"
+    chosen = storage_for(Settings(data_dir=tmp_path, storage_url="s3://bucket", storage_cache_dir=str(tmp_path / "c")))
+    assert chosen.build_dir(INDEX, "v1") == (tmp_path / "c" / "s3" / "bucket" / "indexes" / INDEX / "v1").resolve()
+
+
+def test_a_storage_url_that_is_not_object_storage_is_refused_naming_the_setting(tmp_path):
+    from colgrid_server.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument) as info:
+        ObjectStorage("/srv/indexes", tmp_path / "cache")
+    assert info.value.field == "storage_url"
+
+
 def test_a_server_without_object_storage_names_the_setting_for_an_s3_version():
     with pytest.raises(FailedPrecondition, match="COLGRID_STORAGE_URL"):
         LocalStorage().fetch("s3://bucket/colgrid/indexes/docs/v1")
@@ -283,7 +303,7 @@ def built(tmp_path_factory, s3, shared_data_dir, encoder_dir, stdlib_documents) 
     data_dir = tmp_path_factory.mktemp("s3-built")
     link_encoders(data_dir, shared_data_dir)
     with open_registry(DataDir(data_dir).registry_file) as registry:
-        outcome = build_index(DataDir(data_dir), registry, INDEX, stdlib_documents[:150], progress=False,
+        outcome = build_index(DataDir(data_dir), registry, INDEX, stdlib_documents[:100], progress=False,
                               build_params=BUILD_PARAMS, storage=ObjectStorage(url, data_dir / "cache"))
     return Built(data_dir, url, outcome.version)
 
@@ -316,7 +336,8 @@ def test_a_build_with_a_storage_url_is_ready_at_its_s3_uri_with_the_manifest_upl
     assert record.state is VersionState.READY
     assert record.storage_uri == f"{built.url}/indexes/{INDEX}/{built.version}"
     assert s3.exists(f"{record.storage_uri.removeprefix('s3://')}/{MANIFEST_NAME}")
-    assert ObjectStorage(built.url, built.data_dir / "verify-cache").verify(record.storage_uri) == record.manifest_sha256
+    checker = ObjectStorage(built.url, built.data_dir / "verify-cache")
+    assert checker.verify(record.storage_uri) == record.manifest_sha256
     assert not DataDir(built.data_dir).indexes.exists()  # nothing published under the data dir
 
 
@@ -343,7 +364,7 @@ def test_a_corrupt_object_on_storage_fails_the_load_on_its_checksum_and_stable_k
     from colgrid_client import Client, FailedPreconditionError
 
     with open_registry(built.registry_file) as registry:
-        outcome = build_index(DataDir(built.data_dir), registry, INDEX, stdlib_documents[150:180], progress=False,
+        outcome = build_index(DataDir(built.data_dir), registry, INDEX, stdlib_documents[100:130], progress=False,
                               build_params={"n_centroids": 8}, activate=False,
                               storage=ObjectStorage(built.url, tmp_path / "builder-cache"))
         uri = registry.get_version(INDEX, outcome.version).storage_uri
