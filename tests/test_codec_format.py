@@ -162,7 +162,7 @@ def test_decoding_at_load_holds_the_same_vectors_as_resident_codes(versions, cod
     assert isinstance(decoded.store, DenseTokens) and not isinstance(resident.store, DenseTokens)
     n = decoded.tokens_count
     np.testing.assert_array_equal(decoded.tokens.cpu().numpy(), resident.store.decode(0, n).to(torch.float16).cpu().numpy())
-    rows = torch.tensor([5, 0, n - 1, 5])
+    rows = torch.tensor([5, 0, n - 1, 5], device=resident.store.device)  # rows live where the store does
     np.testing.assert_array_equal(resident.store.gather(rows).cpu().numpy(), resident.store.decode(0, n)[rows].cpu().numpy())
 
 
