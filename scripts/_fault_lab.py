@@ -7,6 +7,7 @@ State accumulates on purpose: each trial starts from whatever the kills before i
 from __future__ import annotations
 
 import shutil
+import statistics
 import subprocess
 import threading
 import time
@@ -35,11 +36,28 @@ class LabConfig:
 
 @dataclass
 class BuildTiming:
-    """From one uninterrupted `colgrid index build`: seconds from spawn until its BUILDING row
-    appeared (imports, encoder load) and from then until the process exited."""
+    """How long a build takes on this machine now: seconds from its start until its BUILDING
+    row appears (imports, encoder load), and from then until its work ends. Aims use the median
+    of the recent observations, so they follow the machine's load as it changes."""
 
-    to_allocated_s: float
-    allocated_to_exit_s: float
+    to_allocated: list[float]
+    allocated_to_end: list[float]
+
+    RECENT = 5
+
+    @property
+    def to_allocated_s(self) -> float:
+        return statistics.median(self.to_allocated[-self.RECENT:])
+
+    @property
+    def allocated_to_end_s(self) -> float:
+        return statistics.median(self.allocated_to_end[-self.RECENT:])
+
+    def observe(self, *, to_allocated: float | None = None, allocated_to_end: float | None = None) -> None:
+        if to_allocated is not None:
+            self.to_allocated.append(to_allocated)
+        if allocated_to_end is not None:
+            self.allocated_to_end.append(allocated_to_end)
 
 
 @dataclass
@@ -131,7 +149,7 @@ class Lab:
         ended = time.monotonic()
         if not result or result[0] is None or allocated is None:
             raise RuntimeError(f"the timing ingest failed; server log: {self.server.log_tail()}")
-        self.ingest_timing = BuildTiming(to_allocated_s=allocated - began, allocated_to_exit_s=ended - allocated)
+        self.ingest_timing = BuildTiming([allocated - began], [ended - allocated])
         return self.ingest_timing
 
     def close(self) -> None:
@@ -179,7 +197,7 @@ def _time_build(lab: Lab) -> BuildTiming:
     if status != 0 or allocated is None:
         raise RuntimeError(f"the timing build failed (status {status}): "
                            f"{(lab.logs / 'build-timing.log').read_text(errors='replace')[-2000:]}")
-    return BuildTiming(to_allocated_s=allocated - began, allocated_to_exit_s=ended - allocated)
+    return BuildTiming([allocated - began], [ended - allocated])
 
 
 def _export_tiny_encoder(out: Path) -> Path:

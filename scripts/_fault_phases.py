@@ -108,25 +108,34 @@ KILL_PLANS = {  # where a build's (or an ingest's) kill is aimed, and how often
 }
 
 
-def _aim(lab: Lab, proc: Any, before: set[str], timing: BuildTiming, rng: random.Random) -> str:
-    """Wait until the moment a randomly drawn plan aims at; the kill follows at once."""
+def _aim(lab: Lab, proc: Any, before: set[str], timing: BuildTiming, started: float, rng: random.Random) -> str:
+    """Wait until the moment a randomly drawn plan aims at (the kill follows at once), and
+    teach `timing` what this build showed of the machine's current speed."""
     plan = rng.choices(list(KILL_PLANS), weights=list(KILL_PLANS.values()))[0]
     if plan == "before-allocation":
         time.sleep(rng.uniform(0.3, 0.95) * timing.to_allocated_s)
-    elif (allocated := lab.wait_allocated(proc, before)) is not None:
-        (version,) = set(lab.versions()) - before
-        if plan == "at-publish":
-            _poll(proc, lambda: (lab.index_dir / version).exists())
-        elif plan == "at-ready":
-            _poll(proc, lambda: lab.versions()[version] is not VersionState.BUILDING)
-        else:
-            low, high = {"anywhere": (0.0, 1.0), "end": (0.75, 1.05), "late": (1.0, 1.3)}[plan]
-            time.sleep(max(0.0, allocated + rng.uniform(low, high) * timing.allocated_to_exit_s - time.monotonic()))
+        return plan
+    allocated = lab.wait_allocated(proc, before)
+    if allocated is None:
+        return plan
+    timing.observe(to_allocated=allocated - started)
+    (version,) = set(lab.versions()) - before
+    if plan == "at-publish":
+        condition = lambda: (lab.index_dir / version).exists()  # noqa: E731
+    elif plan == "at-ready":
+        condition = lambda: lab.versions()[version] is not VersionState.BUILDING  # noqa: E731
+    else:
+        low, high = {"anywhere": (0.0, 1.0), "end": (0.75, 1.05), "late": (1.0, 1.3)}[plan]
+        moment = allocated + rng.uniform(low, high) * timing.allocated_to_end_s
+        condition = lambda: time.monotonic() >= moment  # noqa: E731
+    _poll(proc, condition)
+    if plan in ("at-publish", "at-ready") or proc.poll() is not None:  # saw the end, or close to it
+        timing.observe(allocated_to_end=time.monotonic() - allocated)
     return plan
 
 
 def _poll(proc: Any, condition: Any, timeout_s: float = 120.0) -> None:
-    """Return as soon as condition() holds (or the process ended)."""
+    """Return as soon as condition() holds or the process ended."""
     deadline = time.monotonic() + timeout_s
     while proc.poll() is None and not condition() and time.monotonic() < deadline:
         time.sleep(0.0005)
@@ -179,7 +188,7 @@ def build_trial(lab: Lab, result: TrialResult, rng: random.Random) -> None:
     proc = lab.spawn_build(activate=activate, log=lab.logs / f"build-{result.trial}.log")
     spawned = time.monotonic()
     try:
-        plan = _aim(lab, proc, set(before), lab.timing, rng)
+        plan = _aim(lab, proc, set(before), lab.timing, spawned, rng)
     finally:
         result.kill_delay_s = time.monotonic() - spawned
         result.interrupted = kill_now(proc)
@@ -324,7 +333,7 @@ def ingest_trial(lab: Lab, result: TrialResult, rng: random.Random) -> None:
     began = time.monotonic()
     thread.start()
     try:
-        plan = _aim(lab, server.proc, set(before), lab.ingest_timing, rng)
+        plan = _aim(lab, server.proc, set(before), lab.ingest_timing, began, rng)
     finally:
         result.kill_delay_s = time.monotonic() - began
         result.interrupted = server.kill()

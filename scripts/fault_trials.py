@@ -110,13 +110,13 @@ def run_trials(config: LabConfig, *, trials: int, phases: Sequence[str] = ("buil
     lab = open_lab(config)
     try:
         report.setup = {"build_to_allocated_s": round(lab.timing.to_allocated_s, 3),
-                        "build_allocated_to_exit_s": round(lab.timing.allocated_to_exit_s, 3),
+                        "build_allocated_to_end_s": round(lab.timing.allocated_to_end_s, 3),
                         "server_start_s": round(lab.server.started_s, 3), "initial_versions": lab.ready_versions()}
         runnable = [p for p in phases if p != "ingest" or _offers_ingest(lab, report)]
         if "ingest" in runnable:
             timing = lab.time_ingest()
             report.setup.update(ingest_to_allocated_s=round(timing.to_allocated_s, 3),
-                                ingest_allocated_to_exit_s=round(timing.allocated_to_exit_s, 3))
+                                ingest_allocated_to_end_s=round(timing.allocated_to_end_s, 3))
         if not runnable:
             raise ValueError(f"none of the phases {list(phases)} can run here: {report.unavailable}")
         schedule = [runnable[i % len(runnable)] for i in range(trials)]
@@ -137,6 +137,8 @@ def run_trials(config: LabConfig, *, trials: int, phases: Sequence[str] = ("buil
             report.trials.append(result)
             if on_trial is not None:
                 on_trial(result)
+        report.setup["build_timing_at_end"] = {"to_allocated_s": round(lab.timing.to_allocated_s, 3),
+                                               "allocated_to_end_s": round(lab.timing.allocated_to_end_s, 3)}
         states = lab.versions()
         report.stale_building_final = {v: states[v].value for v in sorted(lab.once_building)}
         replicas = lab.registry.list_replicas()
