@@ -471,3 +471,22 @@ def test_a_build_killed_mid_publish_stays_building_and_verify_reports_its_leftov
     monkeypatch.setenv("COLGRID_STORAGE_URL", url)
     assert main(["index", "verify", INDEX, "--data-dir", str(tmp_path)]) == 0
     assert f"BUILDING, incomplete files at {uri}" in capsys.readouterr().out
+
+
+def test_an_ingest_rpc_build_is_published_to_object_storage(s3, url, tmp_path, shared_data_dir, encoder_dir):
+    """Versions built by the Ingest RPC land on S3 too, so other replicas can load them."""
+    from colgrid_client import Client, IngestDoc
+
+    link_encoders(tmp_path / "data", shared_data_dir)
+    server, thread = start_live_server(tmp_path / "data", storage_url=url)
+    try:
+        with Client(server.target, timeout=120, retries=0) as client:
+            docs = [IngestDoc.text(f"d{i}", f"document number {i} about {topic}")
+                    for i, topic in enumerate(["json parsing", "sockets", "sorting", "dates", "regexes"] * 4)]
+            result = client.ingest("ingested", docs, activate=True, n_centroids=8)
+            assert result.version.storage_uri.startswith(url + "/indexes/ingested/")
+            assert s3.exists(f"{result.version.storage_uri.removeprefix('s3://')}/{MANIFEST_NAME}")
+            assert client.search("ingested", "parse json", k=1).hits[0].doc_id in {"d0", "d5", "d10", "d15"}
+    finally:
+        stop_live_server(server, thread)
+    assert not (tmp_path / "data" / "indexes").exists()

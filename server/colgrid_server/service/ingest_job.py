@@ -13,6 +13,7 @@ ends. No grpc or protobuf here: `service.ingest_rpc` converts at the edge.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shutil
 import tempfile
@@ -315,16 +316,24 @@ class IngestJob:
         plan, registry = self.plan, self._registry
         record = registry.allocate_version(plan.index, encoder_id=encoder_id, encoder_kind=encoder_kind, dim=dim,
                                            storage_uri="", build_params=plan.build_params)
-        final_dir = self._data.version_dir(plan.index, record.version).resolve()
+        # Built where the server's storage wants it (its cache, with object storage), then
+        # published there (uploaded, manifest last) before the registry calls it READY.
+        storage = self._state.storage
+        final_dir = storage.build_dir(plan.index, record.version)
         try:
             summary = write(final_dir)
             self._update(stage="writing")
             self._channel.check()  # the last point an abort (or a vanished caller) stops the build
+            uri = storage.publish(final_dir, plan.index, record.version)
+            self._channel.check()
             record = registry.mark_ready(plan.index, record.version, documents=summary.documents,
                                          tokens=summary.tokens, manifest_sha256=summary.manifest_sha256,
-                                         storage_uri=str(final_dir))
+                                         storage_uri=uri)
         except BaseException as exc:
             shutil.rmtree(final_dir, ignore_errors=True)  # published perhaps, but never recorded READY
+            if storage.remote:
+                with contextlib.suppress(Exception):  # best effort: the build's own error is raised
+                    storage.delete(storage.uri_for(plan.index, record.version))
             registry.mark_failed(plan.index, record.version, f"{type(exc).__name__}: {exc}")
             raise
         activate = plan.activate or not registry.get_rollout(plan.index).stable
