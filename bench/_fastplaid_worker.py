@@ -1,11 +1,11 @@
 """fast-plaid side of bench_fastplaid.py, run with the separate virtualenv's python (fast-plaid
 pins its own torch, which the colgrid venv cannot share). Imports nothing from colgrid.
 
-    python _fastplaid_worker.py build --vectors DIR --index DIR --nbits 4 --threads 2 --record FILE
+    python _fastplaid_worker.py build --vectors DIR --index DIR --nbits 4 [--max-points-per-centroid 256] --threads 2 --record FILE
     python _fastplaid_worker.py serve --vectors DIR --index DIR [--index DIR ...] --threads 1
 
 `build` indexes vectors/tokens.npy (float16, split by doc_offsets.npy) with FastPlaid.create and
-its default build knobs, and writes the build figures to --record. `serve` loads the indexes and
+its default build knobs but nbits and the k-means sample, and writes the build figures to --record. `serve` loads the indexes and
 answers one JSON request per stdin line with one JSON line on stdout:
 
     {"op": "search", "query": i, "settings": [[name, n_ivf_probe, n_full_scores], ...]}
@@ -34,6 +34,13 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process, all threads: less sensitive than wall time to
+    other jobs on a shared machine."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def bytes_on_disk(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -53,21 +60,26 @@ def build(args: argparse.Namespace) -> None:
     offsets = np.load(vectors / "doc_offsets.npy")
     docs = [tokens[int(s):int(e)] for s, e in zip(offsets[:-1], offsets[1:])]
     index = Path(args.index)
-    started = time.perf_counter()
+    load_before = list(os.getloadavg())
+    started, cpu_started = time.perf_counter(), cpu_seconds()
     fp = search.FastPlaid(index=str(index), device="cpu")
-    fp.create(documents_embeddings=docs, nbits=args.nbits)
-    seconds = time.perf_counter() - started
+    fp.create(documents_embeddings=docs, nbits=args.nbits, max_points_per_centroid=args.max_points_per_centroid)
+    seconds, cpu = time.perf_counter() - started, cpu_seconds() - cpu_started
     meta = json.loads((index / "metadata.json").read_text())
     record = {
         "nbits": args.nbits,
+        "max_points_per_centroid": args.max_points_per_centroid,
         "documents": len(docs),
         "tokens": int(tokens.shape[0]),
         "build_s": seconds,
+        "build_cpu_s": cpu,
         "threads": args.threads,
+        "load_average_at_start": load_before,
+        "load_average_at_end": list(os.getloadavg()),
         "bytes_on_disk": bytes_on_disk(index),
         "peak_rss_mb": peak_rss_mb(),
         "metadata": meta,
-        "knobs": "FastPlaid.create defaults (kmeans_niters=4, max_points_per_centroid=256, seed=42) but nbits",
+        "knobs": "FastPlaid.create defaults (kmeans_niters=4, seed=42) but nbits and max_points_per_centroid (default 256)",
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     Path(args.record).write_text(json.dumps(record, indent=2))
@@ -132,6 +144,7 @@ def main() -> None:
     b.add_argument("--vectors", required=True)
     b.add_argument("--index", required=True)
     b.add_argument("--nbits", type=int, default=4)
+    b.add_argument("--max-points-per-centroid", type=int, default=256, help="k-means sample: at most this many tokens per centroid")
     b.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     b.add_argument("--record", required=True)
     s = sub.add_parser("serve")

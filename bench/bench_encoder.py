@@ -122,10 +122,10 @@ def maxsim_top(doc_vectors: list[np.ndarray], query_vectors: list[np.ndarray], k
 def recall_cost(encoder_dir: Path, graphs: em.Graphs, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     docs, queries, _ = bs.cached_corpus(work, args.recall_docs, args.recall_queries, args.seed, False)
     texts, query_texts = [d.text for d in docs], [q.text for q in queries]
-    dirs = {"fp32": encoder_dir,
-            "fp32 fused": em.encoder_dir_with(encoder_dir, graphs.fused, work / "encoder-bench" / "encoder-fused"),
-            "int8": em.encoder_dir_with(encoder_dir, graphs.int8["int8"], work / "encoder-bench" / "encoder-int8"),
-            "int8 fused": em.encoder_dir_with(encoder_dir, graphs.int8["int8-fused"], work / "encoder-bench" / "encoder-int8-fused")}  # fmt: skip
+    graph_of = {"fp32 fused": graphs.fused, "int8": graphs.int8["int8"], "int8 fused": graphs.int8["int8-fused"]}
+    dirs = {"fp32": encoder_dir}
+    for name in args.recall_variants:
+        dirs[name] = em.encoder_dir_with(encoder_dir, graph_of[name], work / "encoder-bench" / f"encoder-{name.replace(' ', '-')}")
     encoded: dict[str, dict[str, Any]] = {}
     for name, path in dirs.items():
         encoder = load_encoder(path, threads=args.encode_threads)
@@ -167,6 +167,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--recall-docs", type=int, default=3000)
     p.add_argument("--recall-queries", type=int, default=200)
+    p.add_argument("--recall-variants", type=lambda t: [x.strip() for x in t.split(",") if x.strip()], default=["int8"],
+                   help="encoders compared with fp32 end to end: any of 'fp32 fused', 'int8', 'int8 fused' (comma-separated)")
     p.add_argument("--encode-threads", type=int, default=None, help="ORT threads of the recall encoders (default: ORT's)")
     p.add_argument("--no-recall", action="store_true")
     p.add_argument("--k", type=int, default=10)

@@ -20,6 +20,8 @@ os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16")  # bench/README.m
 
 import argparse
 import json
+import multiprocessing
+import resource
 import shutil
 import subprocess
 import sys
@@ -35,12 +37,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_search as bs  # noqa: E402  (the corpus, version and ground truth it caches)
 
 from colgrid_server.encoders import ensure_default_encoder, load_encoder  # noqa: E402
-from colgrid_server.index import LoadedVersion, open_version  # noqa: E402
+from colgrid_server.index import LoadedVersion, build_version_from_arrays, open_version, version_exists  # noqa: E402
 from colgrid_server.search import SearchParams, Searcher  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "_fastplaid_worker.py"
 TARGET_RECALL = 0.95
+FP_DEFAULT_POINTS_PER_CENTROID = 256  # FastPlaid.create's max_points_per_centroid
 
 
 # --- fast-plaid's virtualenv and index ------------------------------------------------------
@@ -71,17 +74,58 @@ def installed_versions(py: Path) -> dict[str, str]:
 
 
 def export_vectors(target: Path, version: LoadedVersion, queries: list[np.ndarray]) -> Path:
-    """The version's fp16 token matrix, its document offsets and the query matrices, as .npy."""
-    if (target / "source.json").is_file():
-        return target
-    bs.log(f"exporting {version.tokens_count:,} token vectors to {target}")
-    target.mkdir(parents=True, exist_ok=True)
-    np.save(target / "tokens.npy", version.tokens.numpy())
-    np.save(target / "doc_offsets.npy", version.doc_offsets.astype(np.int64))
-    np.save(target / "queries.npy", np.concatenate(queries).astype(np.float32))
-    np.save(target / "query_offsets.npy", np.concatenate([[0], np.cumsum([q.shape[0] for q in queries])]).astype(np.int64))
-    bs.atomic_write(target / "source.json", json.dumps({"version": str(version.path), "manifest_sha256": version.manifest_sha256}))
+    """The version's fp16 token matrix, its document offsets and ids, and the query matrices, as
+    .npy (load_vector_files' layout): what both systems index."""
+    if not (target / "source.json").is_file():
+        bs.log(f"exporting {version.tokens_count:,} token vectors to {target}")
+        target.mkdir(parents=True, exist_ok=True)
+        np.save(target / "tokens.npy", version.tokens.numpy())
+        np.save(target / "doc_offsets.npy", version.doc_offsets.astype(np.int64))
+        np.save(target / "queries.npy", np.concatenate(queries).astype(np.float32))
+        np.save(target / "query_offsets.npy", np.concatenate([[0], np.cumsum([q.shape[0] for q in queries])]).astype(np.int64))
+        bs.atomic_write(target / "source.json", json.dumps({"version": str(version.path), "manifest_sha256": version.manifest_sha256,
+                                                            "normalized": version.normalized}))  # fmt: skip
+    if not (target / "doc_ids.txt").is_file():
+        bs.atomic_write(target / "doc_ids.txt", "\n".join(version.doc_ids) + "\n")
     return target
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def colgrid_build_child(vectors: str, final_dir: str, threads: int, record_path: str) -> None:
+    torch.set_num_threads(threads)
+    source = json.loads((Path(vectors) / "source.json").read_text())
+    tokens = np.load(Path(vectors) / "tokens.npy", mmap_mode="r")
+    offsets = np.load(Path(vectors) / "doc_offsets.npy")
+    ids = (Path(vectors) / "doc_ids.txt").read_text(encoding="utf-8").splitlines()
+    load_before = list(os.getloadavg())
+    started, cpu_started = time.perf_counter(), cpu_seconds()
+    summary = build_version_from_arrays(Path(final_dir), tokens=tokens, doc_offsets=offsets, doc_ids=ids,
+                                        normalized=bool(source.get("normalized", True)))  # fmt: skip
+    record = {"documents": summary.documents, "tokens": summary.tokens, "centroids": summary.centroids,
+              "build_s": time.perf_counter() - started, "build_cpu_s": cpu_seconds() - cpu_started, "threads": threads,
+              "peak_rss_mb": bs.peak_rss_mb(), "load_average_at_start": load_before, "load_average_at_end": list(os.getloadavg()),
+              "knobs": "build_version_from_arrays defaults (fp16 tokens)", "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # fmt: skip
+    Path(record_path).write_text(json.dumps(record, indent=2))
+
+
+def ensure_colgrid_index(vectors: Path, root: Path, threads: int, rebuild: bool) -> tuple[Path, dict[str, Any]]:
+    """colgrid's version of the exported arrays (no texts: like fast-plaid's index, vectors only),
+    built in a child process so that its peak RSS and CPU time are its own."""
+    final_dir, record = root / "colgrid-fp16", root / "colgrid-fp16.build.json"
+    if version_exists(final_dir) and record.is_file() and not rebuild:
+        return final_dir, {**json.loads(record.read_text()), "cached": True}
+    shutil.rmtree(final_dir, ignore_errors=True)
+    bs.log(f"colgrid: building {final_dir} ({threads} threads)")
+    child = multiprocessing.get_context("spawn").Process(target=colgrid_build_child, args=(str(vectors), str(final_dir), threads, str(record)))
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        sys.exit(f"colgrid build failed (exit code {child.exitcode})")
+    return final_dir, {**json.loads(record.read_text()), "cached": False}
 
 
 def worker_env(threads: int) -> dict[str, str]:
@@ -90,14 +134,17 @@ def worker_env(threads: int) -> dict[str, str]:
     return env
 
 
-def ensure_fastplaid_index(py: Path, vectors: Path, root: Path, nbits: int, threads: int, rebuild: bool) -> tuple[Path, dict[str, Any]]:
-    index, record = root / f"nbits{nbits}", root / f"nbits{nbits}.build.json"
+def ensure_fastplaid_index(py: Path, vectors: Path, root: Path, nbits: int, points: int, threads: int,
+                           rebuild: bool) -> tuple[Path, dict[str, Any]]:  # fmt: skip
+    name = f"nbits{nbits}" + ("" if points == FP_DEFAULT_POINTS_PER_CENTROID else f"-kmeans{points}")
+    index, record = root / name, root / f"{name}.build.json"
     if record.is_file() and (index / "metadata.json").is_file() and not rebuild:
         return index, {**json.loads(record.read_text()), "cached": True}
     shutil.rmtree(index, ignore_errors=True)
     bs.log(f"fast-plaid: building {index} (nbits={nbits}, {threads} threads)")
     subprocess.run([str(py), str(WORKER), "build", "--vectors", str(vectors), "--index", str(index), "--nbits", str(nbits),
-                    "--threads", str(threads), "--record", str(record)], check=True, env=worker_env(threads))  # fmt: skip
+                    "--max-points-per-centroid", str(points), "--threads", str(threads), "--record", str(record)],
+                   check=True, env=worker_env(threads))  # fmt: skip
     return index, {**json.loads(record.read_text()), "cached": False}
 
 
@@ -242,10 +289,10 @@ def print_report(report: dict[str, Any], k: int) -> None:
     rk = f"recall_at_{k}"
     print(f"\nP1 — {report['corpus']['documents']:,} documents, {report['index']['colgrid']['tokens']:,} tokens, "
           f"{report['queries']} queries, {report['search_threads']} thread(s) per search")
-    cg = report["index"]["colgrid"]
-    print(f"colgrid build: index {cg['index_build_s']:.0f} s (+ encode {cg['encode_s']:.0f} s), {cg['bytes_on_disk'] / 2**20:.0f} MiB")
-    for name, b in report["index"]["fast-plaid"].items():
-        print(f"fast-plaid {name} build: {b['build_s']:.0f} s, {b['bytes_on_disk'] / 2**20:.0f} MiB, peak RSS {b['peak_rss_mb']:.0f} MB")
+    builds = {"colgrid": report["index"]["colgrid"], **{f"fast-plaid {n}": b for n, b in report["index"]["fast-plaid"].items()}}
+    for name, b in builds.items():
+        cpu = f", CPU {b['build_cpu_s']:.0f} s" if b.get("build_cpu_s") is not None else ""
+        print(f"{name} build: {b['build_s']:.0f} s wall{cpu}, {b['bytes_on_disk'] / 2**20:.0f} MiB on disk, peak RSS {b['peak_rss_mb']:.0f} MB")
     print()
     print(markdown(report, k))
     print("\nfrontier (Pareto):")
@@ -278,22 +325,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--n-candidates", type=bs.int_list, default=[64, 128, 256, 1024, 4096], help="colgrid, comma-separated")
     p.add_argument("--n-ivf-probe", type=bs.int_list, default=[1, 2, 4, 8, 16, 32], help="fast-plaid, comma-separated")
     p.add_argument("--n-full-scores", type=bs.int_list, default=[64, 128, 256, 1024, 4096], help="fast-plaid, comma-separated")
-    p.add_argument("--nbits", type=bs.int_list, default=[4, 8], help="fast-plaid residual bits, one index each")
+    p.add_argument("--nbits", type=bs.int_list, default=[4], help="fast-plaid residual bits (2, 4 or 8), one index each")
+    p.add_argument("--fp-points-per-centroid", type=int, default=FP_DEFAULT_POINTS_PER_CENTROID,
+                   help="fast-plaid's k-means sample (max_points_per_centroid); colgrid's build samples 16 tokens per centroid")
     p.add_argument("--threads", type=int, default=1, help="torch (and rayon) threads per search, both systems")
-    p.add_argument("--build-threads", type=int, default=os.cpu_count() or 1, help="threads of the fast-plaid build")
+    p.add_argument("--build-threads", type=int, default=os.cpu_count() or 1, help="threads of both index builds")
     p.add_argument("--machine-threads", type=int, default=os.cpu_count() or 1,
                    help="also time each system's operating point at the target recall with this many threads (0: skip)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-exhaustive", action="store_true", help="do not re-time exhaustive search in the sweep")
     p.add_argument("--build-only", action="store_true", help="prepare the venv, embeddings and indexes, then stop")
-    p.add_argument("--rebuild", action="store_true", help="rebuild the fast-plaid indexes")
+    p.add_argument("--rebuild", action="store_true", help="rebuild both systems' indexes")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    k, rk = args.k, f"recall_at_{args.k}"
+    k = args.k
     work = args.work_dir.resolve()
     venv = (args.venv or work / "fastplaid-venv").resolve()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -304,31 +353,37 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     py = venv / "bin" / "python"
     report["fast_plaid_env"] = {"venv": str(venv), **versions}
 
+    # bench_search.py's corpus, version (its fp16 tokens are the embeddings), queries, ground truth.
     docs, queries, _ = bs.cached_corpus(work, args.docs, args.queries, args.seed, False)
     report["corpus"] = {"documents": len(docs), "queries_in_split": len(queries)}
     encoder_dir = ensure_default_encoder(work / "data")
     encoder = load_encoder(encoder_dir)
     search_args = bs.parse_args(["--docs", str(args.docs), "--queries", str(args.queries), "--work-dir", str(work)])
-    version_dir, build = bs.ensure_version(docs, work, encoder, encoder_dir, search_args)
-    started = time.perf_counter()
-    version = open_version(version_dir, verify=True, device="cpu")
-    build.update(load_s=time.perf_counter() - started, bytes_on_disk=bs.bytes_on_disk(version_dir), codec=version.codec,
-                 path=str(version_dir))  # fmt: skip
+    source_dir, source_build = bs.ensure_version(docs, work, encoder, encoder_dir, search_args)
+    source = open_version(source_dir, verify=False, device="cpu")
     encoded = encoder.encode_queries([q.text for q in queries])
-    searcher = Searcher(version, threads=args.threads)
-    truth_key = bs.digest([version.manifest_sha256, str(k), *(q.text for q in queries)])[:16]
-    truth = bs.exhaustive_truth(searcher, encoded, k, work / "truth" / f"{truth_key}.json")
+    truth_key = bs.digest([source.manifest_sha256, str(k), *(q.text for q in queries)])[:16]
+    truth = bs.exhaustive_truth(Searcher(source, threads=args.threads), encoded, k, work / "truth" / f"{truth_key}.json")
+    root = work / "fastplaid" / source_dir.name
+    vectors = export_vectors(root / "vectors", source, [q.vectors for q in encoded])
+    report["source_version"] = {"path": str(source_dir), "bytes_on_disk_with_texts": bs.bytes_on_disk(source_dir), **source_build}
+    del source, docs
 
-    root = work / "fastplaid" / version_dir.name
-    vectors = export_vectors(root / "vectors", version, [q.vectors for q in encoded])
+    # Both systems index the exported arrays, each in its own process, one after the other.
+    colgrid_dir, colgrid_build = ensure_colgrid_index(vectors, root, args.build_threads, args.rebuild)
+    colgrid_build["bytes_on_disk"] = bs.bytes_on_disk(colgrid_dir)
     fp_builds, fp_indexes = {}, []
     for nbits in args.nbits:
-        index, record = ensure_fastplaid_index(py, vectors, root, nbits, args.build_threads, args.rebuild)
+        index, record = ensure_fastplaid_index(py, vectors, root, nbits, args.fp_points_per_centroid, args.build_threads, args.rebuild)
         fp_builds[index.name] = record
         fp_indexes.append(index)
-    report["index"] = {"colgrid": build, "fast-plaid": fp_builds}
+    report["index"] = {"colgrid": colgrid_build, "fast-plaid": fp_builds}
     if args.build_only:
         return report
+    started = time.perf_counter()
+    version = open_version(colgrid_dir, verify=True, device="cpu")
+    colgrid_build["load_s"] = time.perf_counter() - started
+    searcher = Searcher(version, threads=args.threads)
 
     n = min(args.limit_queries, len(encoded))
     encoded, top = encoded[:n], truth["top"][:n]
