@@ -539,7 +539,8 @@ CASES: list[Case] = [
              id="cut", image=png_bytes(photo_image(64, 48))[:3000], filename="cut.png")), C.OK,
          creates="scratch-png", ready=True, errors={"cut": "corrupt_image"}),
     Case("ingest-png-header-claiming-50000x50000", "IngestService/Ingest",
-         hostile_ingest("scratch-bomb", lambda env: pb.IngestDocument(id="bomb", image=png_header_only(50_000, 50_000))),
+         hostile_ingest("scratch-bomb",
+                        lambda env: pb.IngestDocument(id="bomb", image=png_header_only(50_000, 50_000))),
          C.OK, creates="scratch-bomb", ready=True, errors={"bomb": "image_too_large"}),
     Case("ingest-zero-page-pdf", "IngestService/Ingest",
          hostile_ingest("scratch-zero", lambda env: pb.IngestDocument(id="zero", pdf=env.zero_page_pdf)),
@@ -581,6 +582,14 @@ def test_the_table_covers_every_rpc_with_at_least_forty_cases() -> None:
     assert len(set(scratch)) == len(scratch)  # each case inspects a scratch index of its own
 
 
+def test_the_snapshots_cover_the_served_version_the_encoders_and_every_index(world: World) -> None:
+    files = world.files()
+    assert any(path.startswith("indexes/docs/v1/") for path in files)
+    assert any(path.startswith("encoders/") and not digest.startswith("link:") for path, digest in files.items())
+    assert not any(path.startswith("registry.db") for path in files)
+    assert {"docs", "empty"} <= set(world.registry())
+
+
 def _without(state: dict[str, Any], index: str | None) -> dict[str, Any]:
     return {k: v for k, v in state.items() if k != index}
 
@@ -599,14 +608,8 @@ def test_bad_input_gets_its_documented_status_and_changes_nothing(world: World, 
 
     outcome = send(world.channel, case.rpc, case.request(world.env))
 
-    assert (outcome.code, case.message in outcome.details) == (case.code, True), outcome.details
-    if case.violation is not None:
-        assert case.violation in outcome.fields, outcome.fields
-    assert "ingest-spool" not in outcome.details  # the server's scratch files mean nothing to a caller
-    if case.rpc == "IngestService/Ingest":
-        _check_ingest(world, case, outcome)
-
-    assert world.good_search() == world.baseline  # still serving, and the same answer
+    # First what must hold whatever the status: the server still serves, nothing else changed.
+    assert world.good_search() == world.baseline
     registry_after = world.registry()
     assert _without(registry_after, case.creates) == registry_before
     assert _files_without(world.files(), case.creates) == files_before
@@ -615,6 +618,13 @@ def test_bad_input_gets_its_documented_status_and_changes_nothing(world: World, 
         versions = _unary(world.channel, "RegistryService/ListVersions", pb.ListVersionsRequest(index=case.creates))
         states = [v.state for v in versions.versions]
         assert (states == [pb.READY]) if case.ready else (set(states) <= {pb.FAILED}), states
+
+    assert (outcome.code, case.message in outcome.details) == (case.code, True), outcome.details
+    if case.violation is not None:
+        assert case.violation in outcome.fields, outcome.fields
+    assert "ingest-spool" not in outcome.details  # the server's scratch files mean nothing to a caller
+    if case.rpc == "IngestService/Ingest":
+        _check_ingest(world, case, outcome)
 
 
 def _check_ingest(world: World, case: Case, outcome: Outcome) -> None:
@@ -626,6 +636,7 @@ def _check_ingest(world: World, case: Case, outcome: Outcome) -> None:
     spool = world.server.data_dir / "ingest-spool"
     assert not spool.exists() or list(spool.iterdir()) == []
     if case.code == C.OK:
+        assert any(path.startswith(f"indexes/{case.creates}/") for path in world.files())  # what the manifest skips
         last = outcome.responses[-1]
         assert (last.stage, last.version.state, last.version.documents) == ("ready", pb.READY, 1)
         assert (last.received, last.encoded, last.failed) == (1 + len(case.errors), 1, len(case.errors))

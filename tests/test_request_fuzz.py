@@ -55,7 +55,7 @@ INT32 = st.one_of(st.integers(-2**31, 2**31 - 1), st.sampled_from([0, 1, -1, 10,
 UINT32 = st.one_of(st.integers(0, 2**32 - 1), st.sampled_from([0, 1, 50, 100, 101]))
 UINT64 = st.one_of(st.integers(0, 2**64 - 1), st.integers(0, 5))
 LONG_TEXT = st.builds(lambda c, n: c * n, st.characters(), st.integers(4000, 5000))
-WORDS = st.lists(st.sampled_from(["open", "a", "file", "sort", "list", "zlib", "path", "ünïcödé", "日本語", "🙂"]),
+WORDS = st.lists(st.sampled_from(["open", "a", "file", "sort", "list", "zlib", "ünïcödé", "日本語", "🙂"]),
                  min_size=1, max_size=8).map(" ".join)
 TEXT = mostly(WORDS, st.one_of(st.text(max_size=60), LONG_TEXT,
                                st.sampled_from(["", " ", "\x00", "\x00\x01", "\u200b", "\n\t"])))
@@ -120,7 +120,8 @@ def _refused_as_a_client_error(exc: Exception) -> None:
 def _knobs_valid(request: pb.SearchRequest) -> bool:
     k = request.k if request.HasField("k") else DEFAULT_K
     nprobe = request.nprobe if request.HasField("nprobe") else DEFAULT_NPROBE
-    candidates = request.n_candidates if request.HasField("n_candidates") else max(DEFAULT_N_CANDIDATES, CANDIDATES_PER_HIT * k)
+    candidates = (request.n_candidates if request.HasField("n_candidates")
+                  else max(DEFAULT_N_CANDIDATES, CANDIDATES_PER_HIT * k))
     return (1 <= k <= min(SETTINGS.max_k, MAX_K) and 1 <= nprobe <= MAX_NPROBE
             and k <= candidates <= MAX_N_CANDIDATES)
 
