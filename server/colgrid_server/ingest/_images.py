@@ -41,7 +41,9 @@ def iter_image(path: Path, doc_id: str, rel: str, *, max_pixels: int) -> Iterato
         yield error(ErrorCode.UNREADABLE, f"cannot read the file: {exc.strerror}")
         return
     except Exception as exc:  # Pillow raises UnidentifiedImageError, SyntaxError, struct.error, ...
-        yield error(ErrorCode.CORRUPT_IMAGE, f"not a readable PNG, JPEG, TIFF or WebP image ({exc})")
+        # Pillow names the file it read; that may be a server-side spool path: never show it.
+        detail = str(exc).replace(repr(str(path)), "it").replace(str(path), "it")
+        yield error(ErrorCode.CORRUPT_IMAGE, f"not a readable PNG, JPEG, TIFF or WebP image ({detail})")
         return
     with opened as image:
         if image.format not in _FORMATS:

@@ -27,6 +27,7 @@ from colgrid_server.security import Gate, bind, guard_interceptors, startup_warn
 from colgrid_server.serving import Replica, ServingState, default_replica_id
 from colgrid_server.serving._replica import advertised_host
 from colgrid_server.service.encode_rpc import EncodeService
+from colgrid_server.service.malformed import MalformedRequestInterceptor
 from colgrid_server.service.evaluate_rpc import EvaluationService
 from colgrid_server.service.ingest_rpc import IngestService
 from colgrid_server.service.registry_rpc import RegistryService
@@ -130,7 +131,8 @@ async def start_server(settings: Settings) -> RunningServer:
     # admission so unauthenticated callers never take a place in the queue.
     gate = Gate.for_settings(settings)
     metrics = Metrics(executor, gate) if settings.metrics_port else None
-    interceptors = [RequestIdInterceptor(), *([metrics.interceptor] if metrics else []),
+    # Malformed protobuf requests become INVALID_ARGUMENT (outermost: it replaces the parser).
+    interceptors = [MalformedRequestInterceptor(), RequestIdInterceptor(), *([metrics.interceptor] if metrics else []),
                     *guard_interceptors(settings, gate)]
     server = grpc.aio.server(interceptors=interceptors, options=options)
     port = bind(server, settings)  # TLS when tls_cert/tls_key are set
