@@ -9,9 +9,9 @@ it at the end; with --target it loads a running server (--server-pid to read its
 Each client has its own channel and runs one stream after another, each of 1 to 50 queries sent
 one at a time (the next once the previous is answered), drawn from held-out docstrings: short
 (1-3 words), a first sentence, or a whole docstring; k from 1 to 100; explain on ~1 in 8;
-nprobe/n_candidates overridden on ~1 in 10. About 1 action in 50 is instead a request the
-server must refuse (k over the limit, empty query, query too long, unknown index), on its own
-one-query stream; these are counted apart, as expected errors.
+nprobe/n_candidates overridden on ~1 in 10. Between queries, about 1 time in 50, the client
+first sends a request the server must refuse (k over the limit, empty query, query too long,
+unknown index) on its own one-query stream; these are counted apart, as expected errors.
 
 Latency is per query: from handing the request to gRPC to receiving its answer. The first
 --warmup seconds are not measured. Reported: QPS, latency percentiles (all, and by query kind),
@@ -61,8 +61,9 @@ class Tally:
 
 
 async def _stream(client, index: str, plan: list[tuple[str, dict]], routing_key: str, tally: Tally,
-                  window: tuple[float, float]) -> None:
-    """One stream, closed loop: send a query, wait for its answer, send the next."""
+                  window: tuple[float, float], between) -> None:
+    """One stream, closed loop: send a query, wait for its answer, `await between()`, send the
+    next."""
     queue: asyncio.Queue = asyncio.Queue()
     sent: list[tuple[float, str]] = []
 
@@ -82,7 +83,9 @@ async def _stream(client, index: str, plan: list[tuple[str, dict]], routing_key:
             tally.latencies.append(received - started)
             tally.by_kind[kind].append(received - started)
             tally.versions[result.version] += 1
-        await queue.put(next(steps, None) if received < window[1] else None)
+        if received < window[1]:
+            await between()
+        await queue.put(next(steps, None) if time.perf_counter() < window[1] else None)
     if answered != len(sent):
         raise RuntimeError(f"stream answered {answered} of {len(sent)} queries")
 
@@ -113,14 +116,16 @@ async def _client(number: int, target: str, index: str, pool: QueryPool, seed: i
 
     rng = random.Random(seed * 10_007 + number)
     async with AsyncClient(target, timeout=120, retries=0) as client:
-        while time.perf_counter() < window[1]:
+        async def between() -> None:  # ~1 query in 50: a bad request instead, on its own stream
             if rng.random() < BAD_SHARE:
                 await _bad(client, pool, rng, tally, window[0] <= time.perf_counter())
-                continue
+
+        while time.perf_counter() < window[1]:
+            await between()
             plan = [pool.draw(rng) for _ in range(rng.randint(1, MAX_STREAM_QUERIES))]
             tally.streams += 1
             try:
-                await _stream(client, index, plan, f"client-{number}-{tally.streams}", tally, window)
+                await _stream(client, index, plan, f"client-{number}-{tally.streams}", tally, window, between)
             except (ColgridError, RuntimeError) as exc:
                 tally.errors.append(f"client {number}: {type(exc).__name__}: {exc}")
 
