@@ -512,7 +512,7 @@ CASES: list[Case] = [
     Case("ingest-malformed-protobuf", "IngestService/Ingest", [MALFORMED], C.INVALID_ARGUMENT,
          "colgrid.v1.IngestRequest"),
     Case("ingest-unknown-encoder", "IngestService/Ingest", ingest("scratch-encoder", encoder_id="0" * 64),
-         C.NOT_FOUND, "encoder", creates="scratch-encoder"),
+         C.NOT_FOUND, "encoder"),  # resolved before the index is created: nothing is
     Case("ingest-options-twice", "IngestService/Ingest",
          ingest("scratch-twice", pb.IngestRequest(options=pb.IngestOptions(index="scratch-twice"))),
          C.INVALID_ARGUMENT, "send options once", "options", creates="scratch-twice"),

@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from colgrid_registry import RegistryError, VersionRecord
+from colgrid_registry import IndexNotFound, RegistryError, VersionRecord
 from colgrid_server.documents import MAX_DOC_ID_CHARS
 from colgrid_server.errors import ColgridError, FailedPrecondition, InvalidArgument
 from colgrid_server.ingest import IMAGE_SUFFIXES, ErrorCode, SourceError, SourceItem
@@ -273,10 +273,11 @@ class IngestJob:
 
     def _build(self) -> IngestOutcome:
         plan = self.plan
-        self._registry.ensure_index(plan.index)
         if plan.external_vectors:
+            self._registry.ensure_index(plan.index)
             return self._build_external()
-        encoder = self._resolve_encoder()
+        encoder = self._resolve_encoder()  # first: a refused encoder leaves no new, empty index behind
+        self._registry.ensure_index(plan.index)
         from colgrid_server.ingest.build import build_version_from_sources  # torch: only when building
 
         def write(final_dir: Path) -> Any:
@@ -297,7 +298,10 @@ class IngestJob:
         """options.encoder_id, else the stable version's encoder, else the bundled default."""
         if self.plan.encoder_id:
             return self._state.find_encoder(self.plan.encoder_id)
-        stable = self._registry.get_rollout(self.plan.index).stable
+        try:
+            stable = self._registry.get_rollout(self.plan.index).stable
+        except IndexNotFound:  # a new index: the bundled default
+            stable = None
         if stable:
             record = self._registry.get_version(self.plan.index, stable)
             if record.encoder_kind == EXTERNAL_KIND:
