@@ -46,7 +46,8 @@ class EncoderCatalog:
             if ident not in self._paths:
                 self._scan()
             if ident not in self._paths:
-                raise NotFound(f"encoder {ident[:16]}… is not under {self._root}; export or copy it there",
+                raise NotFound(f"encoder {ident[:16]}… is not in this server's encoders directory; export it "
+                               "(`colgrid encoder export`) or copy its directory into <data dir>/encoders",
                                resource_type="encoder", resource_name=ident)
             return self._paths[ident]
 
