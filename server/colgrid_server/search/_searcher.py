@@ -4,14 +4,22 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from colgrid_server.errors import InvalidArgument
-from colgrid_server.index import LoadedVersion
+from colgrid_server.index import LoadedVersion, TokenStore
 from colgrid_server.search._candidates import CandidateGenerator
-from colgrid_server.search._maxsim import DEFAULT_BLOCK_TOKENS, bf16_error_bound, maxsim_explain, maxsim_scores
+from colgrid_server.search._maxsim import (
+    DEFAULT_BLOCK_TOKENS,
+    bf16_error_bound,
+    int8_screen_scores,
+    maxsim_explain,
+    maxsim_scores,
+    screened_exact_scores,
+)
 from colgrid_server.search._params import SearchParams
 from colgrid_server.search._results import Hit, PatchRef, SearchResult, SearchStats, TokenMatch
 
@@ -93,22 +101,9 @@ class Searcher:
         return SearchResult(hits=hits, stats=stats)
 
     def _top_k(self, query: torch.Tensor, docs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The k best of docs by exact score, best first (ties: lower document index first)."""
         v = self.version
-        n_tokens = int((v.doc_offsets[docs + 1] - v.doc_offsets[docs]).sum()) if docs.size else 0
-        if self.fast_pass and docs.shape[0] > k and n_tokens >= FAST_PASS_MIN_TOKENS:
-            approx = self._scores(query, docs, torch.bfloat16)
-            kth = np.partition(approx, -k)[-k]
-            # Any document in the exact top k scores within 2 * bound of the k-th approximate score.
-            docs = docs[approx >= kth - 2.0 * bf16_error_bound(query, v.max_token_norm)]
-        exact = self._scores(query, docs, torch.float32)
-        order = np.lexsort((docs, -exact))[:k]
-        return docs[order], exact[order]
-
-    def _scores(self, query: torch.Tensor, docs: np.ndarray, dtype: torch.dtype) -> np.ndarray:
-        v = self.version
-        scores = maxsim_scores(query, v.store, v.doc_offsets, docs, block_tokens=self.block_tokens, compute_dtype=dtype)
-        return scores.cpu().numpy()
+        top = exact_top_k(query, v.store, v.doc_offsets, docs, k, fast_pass=self.fast_pass, block_tokens=self.block_tokens)
+        return top.docs, top.scores
 
     def _explain(
         self, query: torch.Tensor, query_tokens: Sequence[str], docs: np.ndarray, scores: np.ndarray
@@ -159,6 +154,60 @@ class Searcher:
                 f"{len(query_tokens)} query tokens for {query.shape[0]} query vectors", field="query_tokens"
             )
         return np.ascontiguousarray(query, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class TopK:
+    """The k best documents by exact score, best first, and how many were scored exactly."""
+
+    docs: np.ndarray  # int64 document indices
+    scores: np.ndarray  # float32 exact scores
+    rescored: int  # documents the exact float32 pass scored (all of them without a fast pass)
+
+
+def exact_top_k(
+    query: torch.Tensor,
+    store: TokenStore,
+    doc_offsets: np.ndarray,
+    docs: np.ndarray,
+    k: int,
+    *,
+    fast_pass: bool,
+    block_tokens: int = DEFAULT_BLOCK_TOKENS,
+) -> TopK:
+    """The k best of docs by exact (float32) MaxSim, ties to the lower document index. With
+    fast_pass, an approximate pass first drops every document that provably cannot reach the
+    top k: int8 over the store's resident screen if it has one (and then only the tokens that
+    can hold a maximum are scored in float32), else bf16 when there are enough tokens for it
+    to pay off; the documents kept are scored exactly."""
+    if fast_pass and docs.shape[0] > k and store.screen is not None:
+        screened = int8_screen_scores(
+            query, store.screen, doc_offsets, docs, max_token_norm=store.max_norm, block_tokens=block_tokens
+        )
+        # Every document's float32 score lies in [scores - error, scores + error]: the k-th
+        # best float32 score is at least the k-th best lower end.
+        kth = np.partition(screened.scores - screened.error, -k)[-k]
+        keep = np.flatnonzero(screened.scores + screened.error >= kth)
+        kept = docs[keep]
+        exact = screened_exact_scores(query, store, doc_offsets, docs, screened, keep, block_tokens=block_tokens).numpy()
+    else:
+        kept = _bf16_screen(query, store, doc_offsets, docs, k, block_tokens) if fast_pass and docs.shape[0] > k else docs
+        exact = maxsim_scores(query, store, doc_offsets, kept, block_tokens=block_tokens).cpu().numpy()
+    order = np.lexsort((kept, -exact))[:k]
+    return TopK(docs=kept[order], scores=exact[order], rescored=int(kept.shape[0]))
+
+
+def _bf16_screen(
+    query: torch.Tensor, store: TokenStore, doc_offsets: np.ndarray, docs: np.ndarray, k: int, block_tokens: int
+) -> np.ndarray:
+    n_tokens = int((doc_offsets[docs + 1] - doc_offsets[docs]).sum())
+    if n_tokens < FAST_PASS_MIN_TOKENS:
+        return docs
+    approx = maxsim_scores(query, store, doc_offsets, docs, block_tokens=block_tokens, compute_dtype=torch.bfloat16)
+    approx_np = approx.cpu().numpy()
+    kth = np.partition(approx_np, -k)[-k]
+    # Any document in the exact top k scores within 2 * bound of the k-th approximate score.
+    return docs[approx_np >= kth - 2.0 * bf16_error_bound(query, store.max_norm)]
 
 
 def patch_refs(version: LoadedVersion, token: int) -> tuple[PatchRef, ...]:
