@@ -19,6 +19,7 @@ from colgrid_server.documents import Document
 from colgrid_server.encoders import encoder_id, ensure_default_encoder, load_any_encoder
 from colgrid_server.index import VersionSummary, build_version
 from colgrid_server.ingest import SourceError, SourceItem
+from colgrid_server.interrupted import builder_identity
 from colgrid_server.paths import DataDir
 from colgrid_server.storage import LocalStorage, VersionStorage
 
@@ -128,8 +129,10 @@ def _registered_build(data: DataDir, registry: Registry, name: str, encoder: Any
     """Registry BUILDING -> files (-> published) -> READY -> (stable); FAILED with the reason if
     writing or publishing fails (and what was stored of it is removed)."""
     storage = storage or LocalStorage(data)
+    # The builder's host and pid let a later run tell a killed build from a running one.
     record = registry.allocate_version(name, encoder_id=encoder.id, encoder_kind=encoder.kind,
-                                       dim=encoder.dim, storage_uri="", build_params=dict(params))
+                                       dim=encoder.dim, storage_uri="",
+                                       build_params={**params, "builder": builder_identity()})
     try:
         local_dir = storage.build_dir(name, record.version)
         summary, errors = write(local_dir)

@@ -197,6 +197,21 @@ def _build_from_vectors(args: argparse.Namespace, settings, started: float) -> i
     return 0
 
 
+def cmd_index_gc(args: argparse.Namespace) -> int:
+    from colgrid_server.interrupted import collect_interrupted
+    from colgrid_server.paths import DataDir
+
+    settings = _settings(args)
+    with _registry(settings) as registry:
+        collected = collect_interrupted(DataDir(settings.data_dir), registry, args.name,
+                                        foreign_older_than_s=args.foreign_older_than)
+    for item in collected:
+        print(f"{item.index}/{item.version}: FAILED ({item.reason}); removed {len(item.removed)} leftover paths")
+    if not collected:
+        print("no interrupted builds")
+    return 0
+
+
 def cmd_index_verify(args: argparse.Namespace) -> int:
     from colgrid_server.storage import storage_for
 
@@ -365,6 +380,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="fail (build nothing) on the first input that is refused")
     data_opts(p)
     p.set_defaults(fn=cmd_index_build)
+    p = idx.add_parser("gc", help="mark builds killed mid-way FAILED and remove their files",
+                       description="Mark BUILDING versions whose builder process is gone FAILED (interrupted) and "
+                                   "remove their temporary and unpublished directories. The server does this for "
+                                   "its own host at start-up.")
+    p.add_argument("name", nargs="?", help="one index (default: all)")
+    p.add_argument("--foreign-older-than", type=float, metavar="SECONDS",
+                   help="also collect BUILDING versions of other hosts started more than SECONDS ago")
+    data_opts(p)
+    p.set_defaults(fn=cmd_index_gc)
     p = idx.add_parser("verify", help="verify checksums of versions", description="Verify versions' manifests.")
     p.add_argument("name")
     p.add_argument("version", nargs="?")

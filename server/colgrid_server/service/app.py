@@ -21,6 +21,7 @@ from colgrid_registry import open_registry
 from colgrid_server.catalog import EncoderCatalog
 from colgrid_server.config import Settings
 from colgrid_server.errors import FailedPrecondition
+from colgrid_server.interrupted import collect_interrupted
 from colgrid_server.observability import Metrics, WorkerPool, request_id
 from colgrid_server.paths import DataDir
 from colgrid_server.security import Gate, bind, guard_interceptors, startup_warnings
@@ -162,6 +163,11 @@ async def start_server(settings: Settings) -> RunningServer:
     await server.start()
     for warning in startup_warnings(settings, port):
         log.warning(warning)
+    # Builds killed on this host (their BUILDING rows and temporary files) are collected once
+    # at start-up, so a crash never leaves a version BUILDING forever.
+    for interrupted in collect_interrupted(data, registry):
+        log.warning("marked %s/%s FAILED: %s (removed %d leftover paths)", interrupted.index, interrupted.version,
+                    interrupted.reason, len(interrupted.removed))
     running = RunningServer(server=server, port=port, state=state, replica=replica, health=health,
                             executor=executor, admin_executor=admin_executor, settings=settings,
                             metrics=metrics)

@@ -31,6 +31,7 @@ from colgrid_registry import IndexNotFound, RegistryError, VersionRecord
 from colgrid_server.documents import MAX_DOC_ID_CHARS
 from colgrid_server.errors import ColgridError, FailedPrecondition, InvalidArgument
 from colgrid_server.ingest import IMAGE_SUFFIXES, ErrorCode, SourceError, SourceItem
+from colgrid_server.interrupted import builder_identity
 from colgrid_server.paths import DataDir
 from colgrid_server.serving import ServingState
 
@@ -319,7 +320,8 @@ class IngestJob:
         reason if writing fails or the stream is aborted before the commit."""
         plan, registry = self.plan, self._registry
         record = registry.allocate_version(plan.index, encoder_id=encoder_id, encoder_kind=encoder_kind, dim=dim,
-                                           storage_uri="", build_params=plan.build_params)
+                                           storage_uri="",
+                                           build_params={**plan.build_params, "builder": builder_identity()})
         # Built where the server's storage wants it (its cache, with object storage), then
         # published there (uploaded, manifest last) before the registry calls it READY.
         storage = self._state.storage
