@@ -15,7 +15,7 @@ from tests.conftest import link_encoders
 
 VERBS = [[], ["serve"], ["demo"], ["encoder"], ["encoder", "export"], ["encoder", "info"], ["index"],
          ["index", "build"], ["index", "verify"], ["registry"], ["registry", "list"], ["registry", "show"],
-         ["search"], ["encode"]]
+         ["search"], ["encode"], ["index", "gc"], ["keys"], ["keys", "create"], ["explain"], ["eval"], ["ingest"]]
 
 
 def colgrid(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
