@@ -305,6 +305,24 @@ def test_server_retry_info_sets_a_floor_on_the_backoff(server, client) -> None:
     assert time.monotonic() - start >= 0.2
 
 
+def test_an_overloaded_server_asking_for_a_retry_delay_is_retried_after_it(server, client) -> None:
+    server.script["GetIndex"] = [
+        Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full", details=(error_details_pb2.RetryInfo(
+            retry_delay=duration_pb2.Duration(nanos=150_000_000)),)),
+        pb.IndexInfo(name="docs")]
+    start = time.monotonic()
+    assert client.get_index("docs").name == "docs"
+    assert time.monotonic() - start >= 0.15 and len(server.requests["GetIndex"]) == 2
+
+
+def test_resource_exhausted_without_a_retry_delay_is_not_retried(server, client) -> None:
+    server.script["GetIndex"] = [Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many texts"),
+                                 pb.IndexInfo(name="docs")]
+    with pytest.raises(cg.ResourceExhaustedError):
+        client.get_index("docs")
+    assert len(server.requests["GetIndex"]) == 1
+
+
 def test_slow_answer_past_the_timeout_raises_deadline_exceeded(server, client) -> None:
     def stall(request: Any, context: grpc.ServicerContext) -> pb.IndexInfo:
         done = threading.Event()

@@ -208,7 +208,9 @@ class Deadline:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Retry UNAVAILABLE only (the request never reached a serving replica, so retrying is safe).
+    """Retry UNAVAILABLE (the request never reached a serving replica, so retrying is safe) and
+    RESOURCE_EXHAUSTED that carries a retry delay (an overloaded server refused the call before
+    doing any of its work, and said when to come back); nothing else.
 
     Delays grow as backoff * 2**attempt, capped, with "equal jitter" (half fixed, half random)
     so that clients knocked over together do not come back together.
@@ -224,7 +226,8 @@ class RetryPolicy:
 
     def delay(self, error: ColgridError, attempt: int, deadline: Deadline) -> float | None:
         """Seconds to wait before retry number `attempt + 1`, or None to raise `error` now."""
-        if error.code != grpc.StatusCode.UNAVAILABLE or attempt >= self.retries:
+        overloaded = error.code == grpc.StatusCode.RESOURCE_EXHAUSTED and error.retry_delay is not None
+        if not (error.code == grpc.StatusCode.UNAVAILABLE or overloaded) or attempt >= self.retries:
             return None
         ceiling = min(self.max_backoff, self.backoff * 2**attempt)
         wait = ceiling / 2 + random.uniform(0, ceiling / 2)
@@ -232,7 +235,7 @@ class RetryPolicy:
             wait = max(wait, error.retry_delay)  # the server asked for at least this long
         remaining = deadline.remaining()
         if remaining is not None and remaining <= wait:
-            return None  # no time left for another attempt: the UNAVAILABLE is the answer
+            return None  # no time left for another attempt: this error is the answer
         return wait
 
 
