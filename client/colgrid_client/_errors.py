@@ -4,7 +4,7 @@
     ├── InvalidArgumentError (ValueError)         INVALID_ARGUMENT, OUT_OF_RANGE; .field_violations
     ├── NotFoundError (LookupError)               NOT_FOUND; .resource_info names what is missing
     ├── FailedPreconditionError                   FAILED_PRECONDITION (e.g. version not READY)
-    ├── ResourceExhaustedError                    RESOURCE_EXHAUSTED (request over server limits)
+    ├── ResourceExhaustedError                    RESOURCE_EXHAUSTED (over limits; retried when the server gives a delay)
     ├── UnavailableError                          UNAVAILABLE (retried by the client, then raised)
     ├── DeadlineExceededError (TimeoutError)      DEADLINE_EXCEEDED (the call's timeout passed)
     ├── AbortedError                              ABORTED (e.g. rollout generation conflict)
