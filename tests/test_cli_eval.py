@@ -58,6 +58,8 @@ def test_eval_record_stores_the_results_under_the_query_set_name(eval_versions, 
         (stored,) = s.registry.evaluations(INDEX, "v1")
     assert code == 0 and "(recorded in the registry)" in out and list(table(out)) == ["v1"]
     assert stored.query_set == "dev" and f"{stored.metrics['recall@20']:.3f}" == table(out)["v1"]["RECALL@20"]
+    code, shown, _ = colgrid(capsys, "registry", "show", INDEX, "v1", "--data-dir", str(eval_versions))
+    assert code == 0 and "evaluations:" in shown and " dev " in shown and "recall@20=" in shown
 
 
 def test_eval_json_prints_every_field(eval_versions, queries, tmp_path, capsys):

@@ -251,11 +251,13 @@ def cmd_registry_list(args: argparse.Namespace) -> int:
 
 
 def cmd_registry_show(args: argparse.Namespace) -> int:
-    from colgrid_registry.format import format_version, format_versions
+    from colgrid_registry.format import format_evaluations, format_version, format_versions
 
     with _registry(_settings(args)) as registry:
         if args.version:
             print(format_version(registry.get_version(args.name, args.version)))
+            print("evaluations:")
+            print(format_evaluations(registry.evaluations(args.name, args.version)))
         else:
             print(format_versions(registry.list_versions(args.name), registry.get_rollout(args.name)))
     return 0
@@ -264,7 +266,6 @@ def cmd_registry_show(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------- client verbs
 
 def cmd_search(args: argparse.Namespace) -> int:
-
     with connect(args) as client:
         result = client.search(args.index, args.query, k=args.k, explain=args.explain,
                                nprobe=args.nprobe, n_candidates=args.n_candidates)
@@ -290,7 +291,6 @@ def _result_json(result) -> dict:
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
-
     with connect(args) as client:
         matrix = client.encode_query(args.index, args.text)
     print(f"{matrix.rows} × {matrix.dim} query multi-vector")
