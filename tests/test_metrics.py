@@ -3,6 +3,7 @@ the index/version/role that answered each search, search internals, and queue de
 from __future__ import annotations
 
 import socket
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -72,6 +73,12 @@ def test_failed_calls_are_counted_by_status_code_without_index_labels(metered, c
     before = Scrape(metered.metrics_port).value("colgrid_requests_total", **labels)
     with pytest.raises(NotFoundError):
         client.search("no-such-index", "open a file")
+    # A refused call's status reaches the caller a moment before the server's interceptor has
+    # counted it: poll briefly.
+    deadline = time.monotonic() + 5
+    while (Scrape(metered.metrics_port).value("colgrid_requests_total", **labels) - before < 1
+           and time.monotonic() < deadline):
+        time.sleep(0.05)
     assert Scrape(metered.metrics_port).value("colgrid_requests_total", **labels) - before == 1
 
 
