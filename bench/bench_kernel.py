@@ -299,6 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("bench/results/kernel.json"))
     args = p.parse_args(argv)
     threads = [int(t) for t in args.threads.split(",")] if args.threads else sorted({1, os.cpu_count() or 1})
+    default_threads = torch.get_num_threads()
     report: dict[str, Any] = {"machine": machine(), "query_tokens": QUERY_TOKENS, "k": K,
                               "candidates": args.candidates, "corpus_docs": args.corpus_docs, "dims": {}}
     for dim in (int(d) for d in args.dims.split(",")):
@@ -317,7 +318,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 row = timing(corpus, plain, screened, query, corpus.candidates(query, args.candidates), t, args.repeats)
                 rows.append(row)
                 print(f"  threads {t}: " + ", ".join(f"{k} {v:.2f}" for k, v in row["ratios"].items()), file=sys.stderr)
-        acc = accuracy(corpus, plain, screened, queries, args.candidates)
+        torch.set_num_threads(1)  # as a Searcher runs; several threads only slow these small ops on a busy host
+        try:
+            acc = accuracy(corpus, plain, screened, queries, args.candidates)
+        finally:
+            torch.set_num_threads(default_threads)
         print(f"  accuracy: {acc['top10_equal_rate']}, rescored {acc['rescored_docs_int8']}", file=sys.stderr)
         report["dims"][str(dim)] = {"data": corpus.source, "corpus_tokens": int(corpus.tokens.shape[0]), "screen_build_s": screen_s,
                                     "screen_bytes": screened.screen.nbytes if screened.screen else 0,

@@ -204,8 +204,9 @@ def screened_exact_scores(
     n_q = threshold.shape[1]
     rows, segments = [], []
     for block, gathered in _int8_blocks(store.screen.codes, layout, block_tokens):
-        sims = torch._int_mm(gathered, screened.query_codes)[:, :n_q]
-        hit = (sims >= threshold.index_select(0, block.segments)).any(dim=1)
+        sims = torch._int_mm(gathered, screened.query_codes)[:, :n_q].view(-1, SCREEN_ALIGN, n_q)
+        run_threshold = threshold.index_select(0, block.segments[::SCREEN_ALIGN])[:, None, :]
+        hit = (sims >= run_threshold).any(dim=2).view(-1)
         rows.append(block.rows[hit])
         segments.append(block.segments[hit])
     maxima = torch.full((layout.n_docs, n_q), -torch.inf, dtype=torch.float32)

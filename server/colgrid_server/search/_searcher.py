@@ -185,11 +185,17 @@ def exact_top_k(
             query, store.screen, doc_offsets, docs, max_token_norm=store.max_norm, block_tokens=block_tokens
         )
         # Every document's float32 score lies in [scores - error, scores + error]: the k-th
-        # best float32 score is at least the k-th best lower end.
-        kth = np.partition(screened.scores - screened.error, -k)[-k]
-        keep = np.flatnonzero(screened.scores + screened.error >= kth)
-        kept = docs[keep]
-        exact = screened_exact_scores(query, store, doc_offsets, docs, screened, keep, block_tokens=block_tokens).numpy()
+        # best float32 score is at least the k-th best lower end...
+        upper = screened.scores + screened.error
+        window = np.flatnonzero(upper >= np.partition(screened.scores - screened.error, -k)[-k])
+        # ... and at least the k-th best of any k exact scores: those of the k best approximate
+        # ones first, whose floor is near the final one (about half the window stays above it).
+        first = window[np.argsort(-screened.scores[window], kind="stable")[:k]]
+        first_exact = screened_exact_scores(query, store, doc_offsets, docs, screened, first, block_tokens=block_tokens)
+        rest = np.setdiff1d(window[upper[window] >= float(first_exact.min())], first, assume_unique=True)
+        rest_exact = screened_exact_scores(query, store, doc_offsets, docs, screened, rest, block_tokens=block_tokens)
+        kept = docs[np.concatenate([first, rest])]
+        exact = torch.cat([first_exact, rest_exact]).numpy()
     else:
         kept = _bf16_screen(query, store, doc_offsets, docs, k, block_tokens) if fast_pass and docs.shape[0] > k else docs
         exact = maxsim_scores(query, store, doc_offsets, kept, block_tokens=block_tokens).cpu().numpy()
