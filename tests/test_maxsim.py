@@ -261,3 +261,22 @@ def test_version_opened_with_a_screen_searches_to_the_same_hits(tmp_path):
         b = Searcher(plain, fast_pass=False).search(q, tokens, params).hits
         assert [h.doc_id for h in a] == [h.doc_id for h in b]
         np.testing.assert_allclose([h.score for h in a], [h.score for h in b], rtol=1e-6)
+
+
+def test_int8_passes_split_across_threads_give_the_same_results_and_keep_the_thread_count():
+    store, offsets, _ = _screened(SCREEN_LENGTHS * 8)
+    pick = np.arange(len(SCREEN_LENGTHS) * 8)[::-1]
+    query = torch.from_numpy(_query(12, seed=30))
+    before = torch.get_num_threads()
+    runs = {}
+    try:
+        for threads in (1, 4):
+            torch.set_num_threads(threads)
+            screened = int8_screen_scores(query, store.screen, offsets, pick, max_token_norm=store.max_norm, block_tokens=64)
+            exact = screened_exact_scores(query, store, offsets, pick, screened, np.arange(pick.shape[0]), block_tokens=64)
+            runs[threads] = (screened.scores, exact.numpy())
+            assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+    np.testing.assert_array_equal(runs[1][0], runs[4][0])
+    np.testing.assert_allclose(runs[1][1], runs[4][1], rtol=1e-6)

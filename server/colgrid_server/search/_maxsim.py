@@ -9,8 +9,13 @@ search re-score exactly only the documents that can still reach its top k: bfloa
 (`bf16_error_bound`), and int8 over a resident `Int8Screen` (`int8_screen_scores`)."""
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+import os
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -30,6 +35,7 @@ ROW_QUANTUM = 256
 # Documents' rows in the int8 pass are padded to multiples of this (see _Layout): a 16-row
 # reshape-amax plus a scatter of 1/16 of the rows took ~1/6 of the time of a row-wise scatter.
 SCREEN_ALIGN = 16
+SELECTED_CHUNK_TOKENS = 4 * ROW_QUANTUM
 BF16_UNIT_ROUNDOFF = 2.0**-8
 FP32_UNIT_ROUNDOFF = 2.0**-24
 
@@ -161,12 +167,19 @@ def int8_screen_scores(
     layout = _Layout(doc_offsets, doc_indices, codes.device, align=SCREEN_ALIGN)
     q = _screen_query(query, screen.scale)
     n_q, dim = query.shape
-    maxima = torch.full((layout.n_docs, q.codes.shape[1]), torch.iinfo(torch.int32).min, dtype=torch.int32)
-    for block, gathered in _int8_blocks(codes, layout, block_tokens):
-        sims = torch._int_mm(gathered, q.codes)
-        runs = sims.view(-1, SCREEN_ALIGN, sims.shape[1]).amax(dim=1)  # each run is one document's
-        run_docs = block.segments[::SCREEN_ALIGN, None].expand_as(runs)
-        maxima.scatter_reduce_(0, run_docs, runs, "amax", include_self=True)
+
+    def maxima_of(part: Iterator[tuple[_Block, torch.Tensor]]) -> torch.Tensor:
+        maxima = torch.full((layout.n_docs, q.codes.shape[1]), torch.iinfo(torch.int32).min, dtype=torch.int32)
+        for block, gathered in part:
+            sims = torch._int_mm(gathered, q.codes)
+            runs = sims.view(-1, SCREEN_ALIGN, sims.shape[1]).amax(dim=1)  # each run is one document's
+            run_docs = block.segments[::SCREEN_ALIGN, None].expand_as(runs)
+            maxima.scatter_reduce_(0, run_docs, runs, "amax", include_self=True)
+        return maxima
+
+    parts = _in_parallel(lambda first, stop: maxima_of(_int8_blocks(codes, layout, block_tokens, first, stop)),
+                         layout.n_blocks(block_tokens))
+    maxima = functools.reduce(torch.maximum, parts[1:], parts[0])
     docs = np.asarray(doc_indices, dtype=np.int64)
     best = maxima[:, :n_q].numpy().astype(np.int64)
     approx = best * q.step
@@ -202,24 +215,39 @@ def screened_exact_scores(
     layout = _Layout(doc_offsets, np.asarray(doc_indices, dtype=np.int64)[keep], store.device, align=SCREEN_ALIGN)
     threshold = screened.threshold.index_select(0, torch.from_numpy(keep))
     n_q = threshold.shape[1]
-    rows, segments = [], []
-    for block, gathered in _int8_blocks(store.screen.codes, layout, block_tokens):
-        sims = torch._int_mm(gathered, screened.query_codes)[:, :n_q].view(-1, SCREEN_ALIGN, n_q)
-        run_threshold = threshold.index_select(0, block.segments[::SCREEN_ALIGN])[:, None, :]
-        hit = (sims >= run_threshold).any(dim=2).view(-1)
-        rows.append(block.rows[hit])
-        segments.append(block.segments[hit])
-    maxima = torch.full((layout.n_docs, n_q), -torch.inf, dtype=torch.float32)
+
+    def selected(part: Iterator[tuple[_Block, torch.Tensor]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        rows, segments = [], []
+        for block, gathered in part:
+            sims = torch._int_mm(gathered, screened.query_codes)[:, :n_q].view(-1, SCREEN_ALIGN, n_q)
+            run_threshold = threshold.index_select(0, block.segments[::SCREEN_ALIGN])[:, None, :]
+            hit = (sims >= run_threshold).any(dim=2).view(-1)
+            rows.append(block.rows[hit])
+            segments.append(block.segments[hit])
+        return rows, segments
+
+    n_blocks = layout.n_blocks(block_tokens)
+    parts = _in_parallel(lambda first, stop: selected(_int8_blocks(store.screen.codes, layout, block_tokens, first, stop)), n_blocks)
+    rows = [r for part_rows, _ in parts for r in part_rows]
     if not rows:
-        return maxima.sum(dim=1)
-    all_rows, all_segments = torch.cat(rows), torch.cat(segments)
+        return torch.full((layout.n_docs, n_q), -torch.inf, dtype=torch.float32).sum(dim=1)
+    all_rows, all_segments = torch.cat(rows), torch.cat([s for _, part_segments in parts for s in part_segments])
     q_t = _query_t(query, store.device, torch.float32)
-    for begin in range(0, all_rows.shape[0], block_tokens):
-        block_rows = _pad_rows(all_rows[begin : begin + block_tokens])
-        block_segments = _pad_rows(all_segments[begin : begin + block_tokens])
-        sims = _block_sims(store, block_rows, q_t, n_q)
-        maxima.scatter_reduce_(0, block_segments[:, None].expand_as(sims), sims, "amax", include_self=True)
-    return maxima.sum(dim=1)
+
+    # The selected rows (a few per cent) in small chunks, so that even a few thousand split.
+    chunk = min(block_tokens, SELECTED_CHUNK_TOKENS)
+
+    def exact_maxima(first: int, stop: int) -> torch.Tensor:
+        maxima = torch.full((layout.n_docs, n_q), -torch.inf, dtype=torch.float32)
+        for begin in range(first * chunk, min(stop * chunk, all_rows.shape[0]), chunk):
+            block_rows = _pad_rows(all_rows[begin : begin + chunk])
+            block_segments = _pad_rows(all_segments[begin : begin + chunk])
+            sims = _block_sims(store, block_rows, q_t, n_q)
+            maxima.scatter_reduce_(0, block_segments[:, None].expand_as(sims), sims, "amax", include_self=True)
+        return maxima
+
+    maxima = _in_parallel(exact_maxima, -(-all_rows.shape[0] // chunk))
+    return functools.reduce(torch.maximum, maxima[1:], maxima[0]).sum(dim=1)
 
 
 @dataclass(frozen=True)
@@ -245,13 +273,51 @@ def _screen_query(query: torch.Tensor, scale: np.ndarray) -> _ScreenQuery:
     return _ScreenQuery(torch.from_numpy(matrix), step, error, np.linalg.norm(q, axis=1))
 
 
-def _int8_blocks(codes: torch.Tensor, layout: _Layout, block_tokens: int) -> Iterator[tuple[_Block, torch.Tensor]]:
-    """Each block with its gathered codes, in one reused buffer (a fresh one per block costs
-    page faults comparable to the copy itself)."""
+def _int8_blocks(
+    codes: torch.Tensor, layout: _Layout, block_tokens: int, first: int = 0, stop: int | None = None
+) -> Iterator[tuple[_Block, torch.Tensor]]:
+    """Blocks first..stop-1 (all by default) with their gathered codes, in one reused buffer (a
+    fresh one per block costs page faults comparable to the copy itself)."""
     rows = -(-min(block_tokens, int(layout.cum[-1])) // layout.align) * layout.align
     buffer = torch.empty((_padded(rows), codes.shape[1]), dtype=torch.int8)
-    for block in layout.blocks(block_tokens):
+    for block in layout.blocks(block_tokens, first, stop):
         yield block, torch.index_select(codes, 0, block.rows, out=buffer[: block.rows.shape[0]])
+
+
+_T = TypeVar("_T")
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _in_parallel(work: Callable[[int, int], _T], n_blocks: int) -> list[_T]:
+    """work(first, stop) over blocks 0..n_blocks-1, split into contiguous runs across torch's
+    thread count (torch.get_num_threads()): each run in a pool thread whose ops use one thread.
+    These passes are many small ops per block: split inside each op, threads meet at every op
+    and scale poorly (worse still on a busy host); split by blocks, they meet once."""
+    threads = torch.get_num_threads()
+    workers = min(threads, n_blocks)
+    if workers <= 1:
+        return [work(0, n_blocks)]
+    bounds = np.linspace(0, n_blocks, workers + 1).round().astype(int)
+
+    def run(first: int, stop: int) -> _T:
+        # torch's count is process-wide, OpenMP's per thread: this sets both for this pool
+        # thread; the caller puts the process-wide one back below.
+        torch.set_num_threads(1)
+        return work(first, stop)
+
+    try:
+        return list(_pool().map(run, bounds[:-1].tolist(), bounds[1:].tolist()))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="colgrid-maxsim")
+        return _POOL
 
 
 def _gamma(n: int, u: float = FP32_UNIT_ROUNDOFF) -> float:
@@ -337,14 +403,22 @@ class _Layout:
         np.cumsum(-(-self.lengths // align) * align, out=self.cum[1:])
         self.device = device
 
-    def blocks(self, block_tokens: int) -> Iterator[_Block]:
+    def n_blocks(self, block_tokens: int) -> int:
+        return -(-int(self.cum[-1]) // self._block_tokens(block_tokens))
+
+    def _block_tokens(self, block_tokens: int) -> int:
+        return -(-block_tokens // self.align) * self.align
+
+    def blocks(self, block_tokens: int, first_block: int = 0, stop_block: int | None = None) -> Iterator[_Block]:
+        """Blocks first_block..stop_block-1 (all by default)."""
         if self.device.type == "cuda":
             yield from self._device_blocks(block_tokens)
             return
         total = int(self.cum[-1])
-        block_tokens = -(-block_tokens // self.align) * self.align
+        block_tokens = self._block_tokens(block_tokens)
         last_row = self.lengths - 1
-        for begin in range(0, total, block_tokens):
+        stop = total if stop_block is None else min(total, stop_block * block_tokens)
+        for begin in range(first_block * block_tokens, stop, block_tokens):
             end = min(total, begin + block_tokens)
             # Documents overlapping [begin, end), their token counts clipped to the block; the
             # last one's repeated to pad the block (see ROW_QUANTUM).

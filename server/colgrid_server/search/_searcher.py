@@ -162,7 +162,11 @@ class TopK:
 
     docs: np.ndarray  # int64 document indices
     scores: np.ndarray  # float32 exact scores
-    rescored: int  # documents the exact float32 pass scored (all of them without a fast pass)
+    scored: np.ndarray  # the documents scored exactly (all of them without a fast pass)
+
+    @property
+    def rescored(self) -> int:
+        return int(self.scored.shape[0])
 
 
 def exact_top_k(
@@ -200,7 +204,7 @@ def exact_top_k(
         kept = _bf16_screen(query, store, doc_offsets, docs, k, block_tokens) if fast_pass and docs.shape[0] > k else docs
         exact = maxsim_scores(query, store, doc_offsets, kept, block_tokens=block_tokens).cpu().numpy()
     order = np.lexsort((kept, -exact))[:k]
-    return TopK(docs=kept[order], scores=exact[order], rescored=int(kept.shape[0]))
+    return TopK(docs=kept[order], scores=exact[order], scored=kept)
 
 
 def _bf16_screen(
