@@ -9,6 +9,7 @@ other bad input.
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +56,16 @@ async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         yield request
 
 
+async def _responses(result: Any) -> AsyncIterator[Any]:
+    """A streaming behaviour's responses: it may be an async generator, or a coroutine that
+    writes with context.write or ends the call (an interceptor's refusal) and returns None."""
+    if inspect.isawaitable(result):
+        await result
+        return
+    async for response in result:
+        yield response
+
+
 class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -74,14 +85,14 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
             async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:  # type: ignore[misc]
                 if isinstance(request, Malformed):
                     await abort_with(context, request.error())
-                async for response in inner(request, context):
+                async for response in _responses(inner(request, context)):
                     yield response
         elif not handler.response_streaming:
             async def behavior(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:  # type: ignore[misc]
                 return await inner(_checked(requests), context)
         else:
             async def behavior(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:  # type: ignore[misc]
-                async for response in inner(_checked(requests), context):
+                async for response in _responses(inner(_checked(requests), context)):
                     yield response
 
         return factory(behavior, request_deserializer=_tolerant(handler.request_deserializer, method),
