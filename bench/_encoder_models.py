@@ -42,7 +42,7 @@ def prepare_graphs(encoder_dir: Path, work: Path) -> Graphs:
     if not fused.is_file():
         from onnxruntime.transformers import optimizer
 
-        heads = _attention_heads(exported)
+        heads = _attention_heads()
         model = optimizer.optimize_model(str(exported), model_type="bert", num_heads=heads, hidden_size=spec.dim,
                                          use_gpu=False, opt_level=1)  # fmt: skip
         model.save_model_to_file(str(fused.with_suffix(".tmp")))
@@ -64,7 +64,7 @@ def prepare_graphs(encoder_dir: Path, work: Path) -> Graphs:
     return Graphs(exported=exported, fused=fused, int8=int8)
 
 
-def _attention_heads(path: Path) -> int:
+def _attention_heads() -> int:
     """Heads of the checkpoint's attention (the fusion needs them); from the bundled config."""
     import json
 
