@@ -226,8 +226,9 @@ def screened_exact_scores(
             segments.append(block.segments[hit])
         return rows, segments
 
-    n_blocks = layout.n_blocks(block_tokens)
-    parts = _in_parallel(lambda first, stop: selected(_int8_blocks(store.screen.codes, layout, block_tokens, first, stop)), n_blocks)
+    codes = store.screen.codes
+    parts = _in_parallel(lambda first, stop: selected(_int8_blocks(codes, layout, block_tokens, first, stop)),
+                         layout.n_blocks(block_tokens))
     rows = [r for part_rows, _ in parts for r in part_rows]
     if not rows:
         return torch.full((layout.n_docs, n_q), -torch.inf, dtype=torch.float32).sum(dim=1)
