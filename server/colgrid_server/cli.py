@@ -35,7 +35,7 @@ def _settings(args: argparse.Namespace):
         "device": getattr(args, "device", None),
         **{name: getattr(args, name, None) for name in (
             "log_format", "api_keys_file", "tls_cert", "tls_key", "tls_client_ca", "metrics_port", "metrics_host",
-            "max_queued_requests", "worker_threads")},
+            "max_queued_requests", "worker_threads", "int8_screen")},
     })
 
 
@@ -315,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="interface to bind (default localhost)")
     p.add_argument("--port", type=int, help="port (default 50051; 0 picks a free one)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="MaxSim device (default auto)")
+    p.add_argument("--int8-screen", action="store_true", default=None,
+                   help="CPU: keep an int8 copy of the tokens (x1.5 memory) for ~3x faster exact MaxSim")
     p.add_argument("--log-format", choices=["text", "json"], help="json: one object per line (default text)")
     p.add_argument("--api-keys-file", help="require API keys from this file (`colgrid keys create`)")
     p.add_argument("--tls-cert", help="server certificate (PEM); with --tls-key serves TLS only")

@@ -121,7 +121,8 @@ async def start_server(settings: Settings) -> RunningServer:
     registry = open_registry(settings.registry_location)
     catalog = EncoderCatalog(data.encoders, threads=settings.encoder_threads or None)
     device = None if settings.device == "auto" else settings.device
-    state = ServingState(registry, catalog, device=device, storage=storage_for(settings))
+    state = ServingState(registry, catalog, device=device, storage=storage_for(settings),
+                         screen=settings.int8_screen)
     executor = WorkerPool(settings.worker_threads, thread_name_prefix="colgrid-work")
     # Registry polls, version loads and rollout changes run here, never queued behind searches
     # (and a slow version load never occupies a search worker).

@@ -76,12 +76,15 @@ class Route:
 
 class ServingState:
     def __init__(self, registry: Registry, catalog: EncoderCatalog, *, device: str | None = None,
-                 shadow: ShadowRunner | None = None, storage: VersionStorage | None = None) -> None:
+                 shadow: ShadowRunner | None = None, storage: VersionStorage | None = None,
+                 screen: bool = False) -> None:
         """storage: where versions are fetched from (object storage: into its local cache) and
-        where builds on this server publish them; default local directories."""
+        where builds on this server publish them; default local directories. screen: load CPU
+        versions with the int8 MaxSim screen (settings.int8_screen)."""
         self._registry = registry
         self._catalog = catalog
         self._device = device
+        self._screen = screen
         self._storage = storage or LocalStorage()
         self.shadow = shadow or ShadowRunner()
         self._snapshot: Mapping[str, IndexRoutes] = MappingProxyType({})
@@ -204,7 +207,8 @@ class ServingState:
             check_ready(record)
             yield current
             return
-        served = load_version(record, self._catalog, device=self._device, storage=self._storage)
+        served = load_version(record, self._catalog, device=self._device, storage=self._storage,
+                              screen=self._screen)
         with self._lock:
             self._held = self._held | {served}
             self._prepared[key] = served
@@ -277,7 +281,7 @@ class ServingState:
             return None
         try:
             served = load_version(self._registry.get_version(index, version), self._catalog, device=self._device,
-                                  storage=self._storage)
+                                  storage=self._storage, screen=self._screen)
         except Exception as exc:  # noqa: BLE001 - whatever failed, the previous routes keep serving
             check = exc.check if isinstance(exc, VersionCheckFailed) else "load"
             if not isinstance(exc, (ColgridError, RegistryError)):

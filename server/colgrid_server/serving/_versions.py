@@ -174,7 +174,7 @@ class Lease:
 
 
 def load_version(record: VersionRecord, catalog: Any, *, device: str | None = None,
-                 storage: VersionStorage | None = None) -> ServedVersion:
+                 storage: VersionStorage | None = None, screen: bool = False) -> ServedVersion:
     """Run every check in CHECKS, then return the version ready to serve (warmed with one query).
     Raises VersionCheckFailed naming the first check that failed. `storage` fetches a version on
     object storage into its local cache first (None: storage_uri is a local directory)."""
@@ -182,9 +182,10 @@ def load_version(record: VersionRecord, catalog: Any, *, device: str | None = No
     check_ready(record)
     try:
         if storage is None:
-            loaded = open_version(Path(record.storage_uri), verify=True, device=device)
+            loaded = open_version(Path(record.storage_uri), verify=True, device=device, screen=screen)
         else:
-            loaded = open_stored(storage, record.storage_uri, manifest_sha256=record.manifest_sha256, device=device)
+            loaded = open_stored(storage, record.storage_uri, manifest_sha256=record.manifest_sha256, device=device,
+                                 screen=screen)
     except ColgridError as exc:  # CorruptVersion, files missing altogether, object storage unreachable
         raise VersionCheckFailed(index, version, "checksum", str(exc), version_path=record.storage_uri) from exc
     try:

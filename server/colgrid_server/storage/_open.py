@@ -30,16 +30,16 @@ def storage_for(settings: Settings) -> VersionStorage:
 
 
 def open_stored(storage: VersionStorage, uri: str, *, manifest_sha256: str | None = None,
-                device: str | None = None) -> LoadedVersion:
+                device: str | None = None, screen: bool = False) -> LoadedVersion:
     """Fetch (remote: into the cache) and open with every sha256 checked. A cached copy that
     fails the check is fetched once more before the version is refused: the cache may be
     damaged while the stored version is intact."""
     path = storage.fetch(uri, manifest_sha256=manifest_sha256)
     try:
-        return open_version(path, verify=True, device=device)
+        return open_version(path, verify=True, device=device, screen=screen)
     except CorruptVersion as exc:
         if not is_remote_uri(uri):
             raise
         log.warning("cached copy of %s failed its check (%s); fetching it again", uri, exc)
     path = storage.fetch(uri, manifest_sha256=manifest_sha256, refresh=True)
-    return open_version(path, verify=True, device=device)
+    return open_version(path, verify=True, device=device, screen=screen)
