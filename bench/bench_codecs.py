@@ -45,7 +45,10 @@ from colgrid_server.search import SearchParams, Searcher
 
 HERE = Path(__file__).resolve().parent
 K = 10
-PAYLOAD_ARRAYS = {"fp16": ("tokens",), "int8": ("tokens_int8", "token_scales"), "residual4": ("residuals",), "residual2": ("residuals",)}
+ENTROPY_ARRAYS = ("entropy_bytes", "entropy_block_offsets", "entropy_unary_lengths", "entropy_rotation", "entropy_scales", "entropy_rice_k")
+PAYLOAD_ARRAYS = {"fp16": ("tokens",), "int8": ("tokens_int8", "token_scales"), "residual4": ("residuals",),
+                  "residual2": ("residuals",), "entropy4": ENTROPY_ARRAYS, "entropy2": ENTROPY_ARRAYS}  # fmt: skip
+SINGLE_LAYOUT = ("fp16", "entropy4", "entropy2")  # entropy blocks decode only whole: always decoded at load
 LAYOUTS = ("decoded", "codes")  # decoded at load into float16 / codes resident, decoded per query
 
 
@@ -290,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for codec in codecs:
         path, build = built[codec]
         entry: dict[str, Any] = {"build": build, "storage": storage(path, codec, build["tokens"]), "layouts": {}}
-        for layout in LAYOUTS if codec != "fp16" else ("decoded",):
+        for layout in LAYOUTS if codec not in SINGLE_LAYOUT else ("decoded",):
             version, figures = load(path, keep_codes=layout == "codes")
             searcher = Searcher(version)
             if layout == "decoded":

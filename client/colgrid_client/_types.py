@@ -470,7 +470,7 @@ class IngestOptions:
 
     index: str
     encoder_id: str = ""       # "": the stable version's encoder, else the server's bundled one
-    codec: str = "fp16"        # fp16 | int8 | residual4 | residual2
+    codec: str = "fp16"        # fp16 | int8 | residual4 | residual2 | entropy4 | entropy2
     activate: bool = False     # make the version stable when READY (an index's first: always)
     pool_factor: int = 1       # image documents: hierarchical token pooling (1: off)
     external_vectors: bool = False

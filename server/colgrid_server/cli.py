@@ -17,7 +17,7 @@ from pathlib import Path
 from colgrid_server.cli_client import client_opts, connect
 from colgrid_server.cli_eval import add_eval_verb
 from colgrid_server.cli_explain import add_explain_verb
-from colgrid_server.cli_ingest import add_ingest_verb
+from colgrid_server.cli_ingest import CODECS, add_ingest_verb
 from colgrid_server.cli_keys import add_keys_verbs
 from colgrid_server.cli_rollout import add_rollout_verbs
 
@@ -373,8 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder", help="encoder dir (default: bundled all-MiniLM-L6-v2)")
     p.add_argument("--batch-size", type=int, default=64, help=argparse.SUPPRESS)  # kept for old scripts
     p.add_argument("--no-activate", action="store_true", help="leave the new version READY but not serving")
-    p.add_argument("--codec", choices=["fp16", "int8", "residual4", "residual2"], default="fp16",
-                   help="token storage: fp16 (exact), int8 (1/2 bytes), residual4/residual2 (1/4, 1/8; lossy)")
+    p.add_argument("--codec", choices=list(CODECS), default="fp16",
+                   help="token storage: fp16 (exact), int8 (1/2 the bytes), entropy4/entropy2 (at most 1/4, 1/8; "
+                        "decoded at load), residual4/residual2 (1/4, 1/8; PLAID-style, can stay compressed in memory)")
     p.add_argument("--pool-factor", type=int, default=1,
                    help="image documents: pool patch vectors hierarchically by this factor (2-3 keeps ~98%% quality)")
     p.add_argument("--pdf-dpi", type=int, default=0, help="PDF rendering resolution (default: settings.pdf_dpi, 144)")

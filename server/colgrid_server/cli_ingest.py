@@ -17,7 +17,7 @@ from typing import Any
 
 from colgrid_server.cli_client import connect
 
-CODECS = ("fp16", "int8", "residual4", "residual2")
+CODECS = ("fp16", "int8", "residual4", "residual2", "entropy4", "entropy2")
 
 
 def add_ingest_verb(verbs: argparse._SubParsersAction, client_opts) -> None:

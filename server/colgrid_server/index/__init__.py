@@ -2,8 +2,8 @@
 
 Write with `VersionWriter` (or `build_version` from documents and an encoder, or
 `build_version_from_arrays` from precomputed vectors, e.g. read by `load_vector_files`); pick
-how tokens are stored with build_params["codec"] (fp16, int8, residual4, residual2); serve with
-`open_version`, which refuses anything that does not match its manifest.
+how tokens are stored with build_params["codec"] (fp16, int8, residual4, residual2, entropy4,
+entropy2); serve with `open_version`, which refuses anything that does not match its manifest.
 """
 from __future__ import annotations
 

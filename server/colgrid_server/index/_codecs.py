@@ -9,6 +9,9 @@
   which lowers the squared error against ColBERTv2's single set of quantiles for all dimensions.
   Versions of unit vectors re-normalise decoded tokens, as ColBERTv2 does.
 
+- entropy4 / entropy2: the residual rotated, weighted and entropy-coded at a budget of 4 / 2
+  bits per dimension on average (_entropy.py); decoded at load.
+
 Decoding is vectorised torch (the same functions serve whole chunks at load time and a query's
 candidate rows), so a decoded token is the same float32 vector whichever path produced it.
 """
@@ -32,11 +35,16 @@ RESIDUAL_FIT_SAMPLE = 32768  # tokens whose residuals set the buckets
 @dataclass(frozen=True)
 class Codec:
     name: str
-    nbits: int = 0  # bits per dimension of a residual codec; 0 otherwise
+    nbits: int = 0  # bits per dimension of a residual codec (a budget for entropy codecs); 0 otherwise
 
     @property
     def is_residual(self) -> bool:
-        return self.nbits > 0
+        """Fixed-width buckets per dimension (residual4, residual2)."""
+        return self.name.startswith("residual")
+
+    @property
+    def is_entropy(self) -> bool:
+        return self.name.startswith("entropy")
 
     def payload_bytes_per_token(self, dim: int) -> int:
         """Bytes of the token payload per token (not counting token_codes, which every codec has)."""
@@ -44,6 +52,8 @@ class Codec:
             return 2 * dim
         if self.name == "int8":
             return dim + 4
+        if self.is_entropy:  # a budget: the stored size is measured, within it
+            return dim * self.nbits // 8
         return packed_width(dim, self.nbits)
 
 
@@ -53,7 +63,10 @@ def resolve_codec(build_params: Mapping[str, Any]) -> Codec:
         raise InvalidArgument(
             f"build parameter codec must be one of {', '.join(CODECS)}, got {name!r}", field="build_params.codec"
         )
-    return Codec(name=name, nbits=int(name[len("residual") :]) if name.startswith("residual") else 0)
+    for family in ("residual", "entropy"):
+        if name.startswith(family):
+            return Codec(name=name, nbits=int(name[len(family) :]))
+    return Codec(name=name)
 
 
 def packed_width(dim: int, nbits: int) -> int:

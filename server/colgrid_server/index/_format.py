@@ -21,6 +21,13 @@ TOKEN_SCALES = "token_scales"  # [N_tok] float32, per-token scale (codec int8)
 RESIDUALS = "residuals"  # [N_tok, ceil(dim * nbits / 8)] uint8, packed bucket per dim (residual codecs)
 RESIDUAL_CUTOFFS = "residual_cutoffs"  # [dim, 2^nbits - 1] float32, bucket boundaries per dim
 RESIDUAL_WEIGHTS = "residual_weights"  # [dim, 2^nbits] float32, decoded value of each bucket per dim
+# entropy codecs (see _entropy.py): blocks of codec attrs "block_rows" tokens, Rice-coded.
+ENTROPY_BYTES = "entropy_bytes"  # [n_bytes] uint8, the coded blocks one after another
+ENTROPY_BLOCK_OFFSETS = "entropy_block_offsets"  # [n_blocks + 1] int64, CSR over entropy_bytes
+ENTROPY_UNARY_LENGTHS = "entropy_unary_lengths"  # [n_blocks, dim] uint32, bytes of each unary stream
+ENTROPY_ROTATION = "entropy_rotation"  # [dim, dim] float32, orthonormal columns
+ENTROPY_SCALES = "entropy_scales"  # [dim] float32, positive weight of each rotated coordinate
+ENTROPY_RICE_K = "entropy_rice_k"  # [dim] uint8, Rice parameter of each rotated coordinate
 DOC_OFFSETS = "doc_offsets"  # [N_doc + 1] int64, CSR over tokens
 DOC_IDS = "doc_ids"  # [N_doc] strings
 TOKEN_SPANS = "token_spans"  # [N_tok, 2] int32, character span [start, end) or (-1, -1)
@@ -44,13 +51,17 @@ ARRAY_NAMES = (
     CENTROIDS, TOKEN_CODES, IVF_OFFSETS, IVF_DOCS, CENTROID_HNSW,
 )  # fmt: skip
 
-CODECS = ("fp16", "int8", "residual4", "residual2")
+CODECS = ("fp16", "int8", "residual4", "residual2", "entropy4", "entropy2")
 DEFAULT_CODEC = "fp16"
 CODEC_ARRAYS = {
     "fp16": (TOKENS,),
     "int8": (TOKENS_INT8, TOKEN_SCALES),
     "residual4": (RESIDUALS, RESIDUAL_CUTOFFS, RESIDUAL_WEIGHTS),
     "residual2": (RESIDUALS, RESIDUAL_CUTOFFS, RESIDUAL_WEIGHTS),
+    **{
+        name: (ENTROPY_BYTES, ENTROPY_BLOCK_OFFSETS, ENTROPY_UNARY_LENGTHS, ENTROPY_ROTATION, ENTROPY_SCALES, ENTROPY_RICE_K)
+        for name in ("entropy4", "entropy2")
+    },
 }
 EXTERNAL_KIND = "external"  # EncoderRef.kind of a version built from the caller's own vectors
 

@@ -44,7 +44,8 @@ def open_version(
     """Load a published version. verify=True checks every file's sha256 against the manifest
     (verify=False still requires the manifest and checks the file list and sizes).
     keep_codes: for a compressed version (int8, residual), keep the codes resident and decode
-    each query's candidates (less memory); by default decode once at load into float16.
+    each query's candidates (less memory); by default decode once at load into float16. Entropy
+    versions always decode at load (their blocks decode only whole).
     screen: also keep an int8 copy of the tokens (`Int8Screen`, 1 byte per value: x1.5 the
     float16 tokens) that CPU searches rank candidates with before scoring the few that can
     reach the top k exactly, ~2x faster than the bf16 pass. Ignored where no search would read
@@ -105,7 +106,7 @@ class LoadedVersion:
 
     @property
     def codec(self) -> str:
-        """How the version stores its tokens: fp16, int8, residual4 or residual2."""
+        """How the version stores its tokens: fp16, int8, residual4, residual2, entropy4 or entropy2."""
         return self.store.codec
 
     @property
@@ -207,8 +208,7 @@ class _Loader:
         *, keep_codes: bool,
     ) -> LoadedVersion:  # fmt: skip
         a = self.arrays
-        payload = F.CODEC_ARRAYS[codec["name"]][0]
-        n_tok, n_doc, n_cent = a[payload].shape[0], a[F.DOC_IDS].shape[0], a[F.CENTROIDS].shape[0]
+        n_tok, n_doc, n_cent = a[F.TOKEN_CODES].shape[0], a[F.DOC_IDS].shape[0], a[F.CENTROIDS].shape[0]
         counts = attrs.get("counts") or {}
         if (counts.get("documents"), counts.get("tokens"), counts.get("centroids")) != (n_doc, n_tok, n_cent):
             self.fail(f"counts in zarr.json {counts} do not match the arrays ({n_doc} documents, {n_tok} tokens, {n_cent} centroids)")
@@ -336,8 +336,15 @@ def _codec(root: Path, attrs: Mapping[str, Any]) -> dict[str, Any]:
     codec = attrs.get("codec", {"name": "fp16"}) if attrs["format_version"] >= 2 else {"name": "fp16"}
     if not isinstance(codec, Mapping) or codec.get("name") not in F.CODECS:
         raise _corrupt(root, f"zarr.json names an unknown codec {codec!r}")
-    if codec["name"].startswith("residual") and codec.get("nbits") != int(codec["name"][len("residual") :]):
-        raise _corrupt(root, f"zarr.json codec {codec!r} does not match its bit width")
+    for family in ("residual", "entropy"):
+        if codec["name"].startswith(family) and codec.get("nbits") != int(codec["name"][len(family) :]):
+            raise _corrupt(root, f"zarr.json codec {codec!r} does not match its bit width")
+    if codec["name"].startswith("entropy"):
+        step, rows, escape = codec.get("step"), codec.get("block_rows"), codec.get("escape_quotient")
+        if not (isinstance(step, float) and math.isfinite(step) and step > 0):
+            raise _corrupt(root, f"zarr.json codec {codec!r} has no positive finite step")
+        if not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 1 << 24 for v in (rows, escape)):
+            raise _corrupt(root, f"zarr.json codec {codec!r} needs positive integers block_rows and escape_quotient")
     return dict(codec)
 
 

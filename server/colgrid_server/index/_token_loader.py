@@ -15,6 +15,7 @@ import zarr
 
 from colgrid_server.index import _format as F
 from colgrid_server.index._codecs import INT8_MAX, ResidualBuckets, int8_decode, packed_width, residual_decode, residual_table
+from colgrid_server.index._entropy import EntropyModel, decode_block
 from colgrid_server.index._stores import DenseTokens, Int8Tokens, ResidualTokens, TokenStore
 
 Read = Callable[..., np.ndarray]  # (array name, selection=...) -> values; CorruptVersion on failure
@@ -33,6 +34,16 @@ class TokenLoader:
             return {F.TOKENS: ((n, dim), np.float16)}
         if name == "int8":
             return {F.TOKENS_INT8: ((n, dim), np.int8), F.TOKEN_SCALES: ((n,), np.float32)}
+        if name.startswith("entropy"):
+            blocks = -(-n // int(codec["block_rows"]))
+            return {
+                F.ENTROPY_BYTES: ((self.arrays[F.ENTROPY_BYTES].shape[0],), np.uint8),  # checked against the offsets
+                F.ENTROPY_BLOCK_OFFSETS: ((blocks + 1,), np.int64),
+                F.ENTROPY_UNARY_LENGTHS: ((blocks, dim), np.uint32),
+                F.ENTROPY_ROTATION: ((dim, dim), np.float32),
+                F.ENTROPY_SCALES: ((dim,), np.float32),
+                F.ENTROPY_RICE_K: ((dim,), np.uint8),
+            }
         buckets = 1 << int(codec["nbits"])
         return {
             F.RESIDUALS: ((n, packed_width(dim, int(codec["nbits"]))), np.uint8),
@@ -50,6 +61,8 @@ class TokenLoader:
             return DenseTokens(tokens, codec="fp16", max_norm=max_norm)
         if name == "int8":
             return self._int8(keep_codes, max_input_norm)
+        if name.startswith("entropy"):  # blocks decode only whole: always decoded at load
+            return self._entropy(codec, codes, centroids)
         return self._residual(codec, codes, centroids, keep_codes)
 
     def _int8(self, keep_codes: bool, max_input_norm: float | None) -> TokenStore:
@@ -104,23 +117,59 @@ class TokenLoader:
             packed.to(d), codes_d, centroids_t.to(d), table.to(d), codec=codec["name"], dim=self.dim, renormalize=renormalize
         )
 
+    def _entropy(self, codec: Mapping[str, Any], codes: np.ndarray, centroids: np.ndarray) -> TokenStore:
+        offsets, unary = self.read(F.ENTROPY_BLOCK_OFFSETS), self.read(F.ENTROPY_UNARY_LENGTHS)
+        n_bytes = self.arrays[F.ENTROPY_BYTES].shape[0]
+        if offsets[0] != 0 or offsets[-1] != n_bytes or np.any(np.diff(offsets) <= 0):
+            self.fail("entropy_block_offsets is not a CSR index over entropy_bytes")
+        rotation, scales, rice_k = self.read(F.ENTROPY_ROTATION), self.read(F.ENTROPY_SCALES), self.read(F.ENTROPY_RICE_K)
+        if not (np.isfinite(rotation).all() and np.isfinite(scales).all() and (scales > 0).all()):
+            self.fail("entropy_rotation or entropy_scales hold NaN, infinity or a scale that is not positive")
+        if int(rice_k.max(initial=0)) > 62:
+            self.fail("entropy_rice_k holds a Rice parameter over 62")
+        model = EntropyModel(rotation=rotation, scale=scales, step=float(codec["step"]), rice_k=rice_k,
+                             escape_quotient=int(codec["escape_quotient"]))  # fmt: skip
+        block_rows, renormalize = int(codec["block_rows"]), bool(codec.get("renormalize", False))
+
+        def blocks() -> Iterator[tuple[int, np.ndarray]]:
+            for index, start in enumerate(range(0, self.n_tok, block_rows)):
+                rows = min(block_rows, self.n_tok - start)
+                data = self.read(F.ENTROPY_BYTES, slice(int(offsets[index]), int(offsets[index + 1])))
+                try:
+                    residuals = decode_block(data, unary[index], rows, model)
+                except ValueError as exc:
+                    self.fail(f"entropy block {index} (tokens {start}..{start + rows}) does not decode: {exc}")
+                values = torch.from_numpy(residuals).add_(torch.from_numpy(centroids).index_select(
+                    0, torch.from_numpy(codes[start : start + rows].astype(np.int64))))  # fmt: skip
+                if renormalize:
+                    values.div_(torch.linalg.vector_norm(values, dim=1, keepdim=True).clamp_min_(1e-12))
+                yield start, values.numpy()
+
+        tokens, max_norm = self._dense_from(blocks(), F.ENTROPY_BYTES)
+        return DenseTokens(tokens, codec=codec["name"], max_norm=max_norm)
+
     def _dense(self, name: str, decode: Callable[[np.ndarray, int], np.ndarray]) -> tuple[torch.Tensor, float]:
         """float16 (N_tok, dim) on the device from array name, decoded chunk by chunk, and the
-        largest stored token norm (it bounds the error of reduced-precision scoring). numpy does
-        the per-chunk copy: single-threaded, it is not slowed by torch's pool on busy hosts."""
+        largest stored token norm (it bounds the error of reduced-precision scoring)."""
+        return self._dense_from(((start, decode(block, start)) for start, block in self._chunks(name)), name)
+
+    def _dense_from(self, decoded: Iterator[tuple[int, np.ndarray]], name: str) -> tuple[torch.Tensor, float]:
+        """float16 (N_tok, dim) on the device from (first row, decoded rows) blocks. numpy does
+        the per-block copy: single-threaded, it is not slowed by torch's pool on busy hosts."""
         tokens = torch.empty((self.n_tok, self.dim), dtype=torch.float16, device=self.device)
         host = tokens.numpy() if self.device.type == "cpu" else None
         max_norm = 0.0
-        for start, block in self._chunks(name):
-            values = np.asarray(decode(block, start)).astype(np.float16, copy=False)
+        for start, decoded_block in decoded:
+            values = np.asarray(decoded_block).astype(np.float16, copy=False)
+            stop = start + values.shape[0]
             block_max = _block_max_norm(values)  # NaN or infinity if any value is
             if not math.isfinite(block_max):
-                self.fail(f"{name} rows {start}..{start + block.shape[0]} contain or decode to NaN or infinity")
+                self.fail(f"{name} rows {start}..{stop} contain or decode to NaN or infinity")
             max_norm = max(max_norm, block_max)
             if host is not None:
-                host[start : start + block.shape[0]] = values
+                host[start:stop] = values
             else:
-                tokens[start : start + block.shape[0]] = torch.from_numpy(values).to(self.device)
+                tokens[start:stop] = torch.from_numpy(values).to(self.device)
         return tokens, max_norm
 
     def _chunks(self, name: str) -> Iterator[tuple[int, np.ndarray]]:

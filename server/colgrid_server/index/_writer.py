@@ -45,6 +45,7 @@ KMEANS_ITERATIONS = 4
 # A version whose every token norm is within this of 1 is "normalized" (fp16 rounding of a unit
 # vector moves its norm by ~1e-3).
 UNIT_NORM_TOLERANCE = 1e-2
+ENTROPY_FIT_SAMPLE = 65536  # tokens the entropy codec's rotation and step are fitted on
 
 _STRING = str  # zarr v3 "string" data type (vlen-utf8 codec)
 
@@ -382,8 +383,8 @@ class VersionWriter:
         centroids_t = centroids.T.to(compute_dtype(device)).contiguous()
         centroids_np = centroids.cpu().numpy().astype(np.float32)
         if codec.needs_fit:
-            fit = sample[torch.from_numpy(rng.permutation(sample.shape[0])[:RESIDUAL_FIT_SAMPLE]).to(device)]
-            codec.fit(fit.cpu().numpy(), nearest(fit, centroids_t).cpu().numpy(), centroids_np)
+            fit = self._fit_sample(codec, sample, sample_rows, rng).to(device)
+            codec.fit(fit.cpu().numpy(), nearest(fit, centroids_t).cpu().numpy(), centroids_np, total_tokens=n_tokens)
         del sample
         codes = np.empty(n_tokens, dtype=np.uint16 if centroids_np.shape[0] <= 1 << 16 else np.int32)
         tokens = self._tokens.array
@@ -397,6 +398,16 @@ class VersionWriter:
             bar.update(block.shape[0])
         bar.close()
         return centroids_np, codes
+
+    def _fit_sample(self, codec: CodecWriter, sample: torch.Tensor, sample_rows: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+        """Tokens the codec fits on. The entropy codec sets its step from its estimated size,
+        which tokens the centroids were fitted on would underestimate (they sit closer to
+        their centroids): it takes tokens outside the k-means sample when there are enough."""
+        if codec.codec.is_entropy and self._n_tokens - sample_rows.shape[0] >= ENTROPY_FIT_SAMPLE // 4:
+            outside = np.setdiff1d(np.arange(self._n_tokens), sample_rows, assume_unique=True)
+            rows = np.sort(rng.choice(outside, size=min(ENTROPY_FIT_SAMPLE, outside.shape[0]), replace=False))
+            return torch.from_numpy(self._gather_rows(rows)).to(torch.float32)
+        return sample[torch.from_numpy(rng.permutation(sample.shape[0])[:RESIDUAL_FIT_SAMPLE]).to(sample.device)]
 
     def _gather_rows(self, rows: np.ndarray) -> np.ndarray:
         """tokens[rows] for sorted rows, reading one chunk at a time (never the whole array)."""
