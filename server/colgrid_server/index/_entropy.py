@@ -183,7 +183,8 @@ def decode_block(data: np.ndarray, unary_lengths: np.ndarray, rows: int, model: 
     unary_end = int(lengths.sum())
     if unary_end > data.shape[0]:
         raise ValueError("unary streams run past the block")
-    ones = np.flatnonzero(np.unpackbits(data[:unary_end], bitorder="little"))
+    # As bool: numpy's nonzero has a fast path for bool that is several times quicker than uint8.
+    ones = np.flatnonzero(np.unpackbits(data[:unary_end], bitorder="little").view(bool))
     if ones.shape[0] != dim * rows:
         raise ValueError(f"unary streams hold {ones.shape[0]} values, expected {dim * rows}")
     ones = ones.reshape(dim, rows)
@@ -195,18 +196,15 @@ def decode_block(data: np.ndarray, unary_lengths: np.ndarray, rows: int, model: 
     fixed_bytes = (rows * k + 7) // 8
     fixed_starts = unary_end + np.concatenate([[0], np.cumsum(fixed_bytes)[:-1]])
     escape_start = unary_end + int(fixed_bytes.sum())
-    remainders = np.zeros((dim, rows), dtype=np.int64)
+    if escape_start > data.shape[0]:
+        raise ValueError("remainder streams run past the block")
+    u = q << k[:, None]
+    padded = np.concatenate([data[:escape_start], np.zeros(3, np.uint8)]).astype(np.uint32)
     for width in np.unique(k):
         if width == 0:
             continue
         dims = np.flatnonzero(k == width)
-        nbytes = int(fixed_bytes[dims[0]])
-        if escape_start > data.shape[0]:
-            raise ValueError("remainder streams run past the block")
-        chunk = data[fixed_starts[dims][:, None] + np.arange(nbytes)]
-        bits = np.unpackbits(chunk, axis=1, bitorder="little")[:, : rows * width].reshape(len(dims), rows, width)
-        remainders[dims] = (bits.astype(np.int64) << np.arange(width, dtype=np.int64)).sum(axis=2)
-    u = (q << k[:, None]) | remainders
+        u[dims] |= _unpack_fixed(padded, fixed_starts[dims], rows, int(width))
     escaped = q == model.escape_quotient
     n_escaped = int(escaped.sum())
     if data.shape[0] != escape_start + 8 * n_escaped:
@@ -214,6 +212,19 @@ def decode_block(data: np.ndarray, unary_lengths: np.ndarray, rows: int, model: 
     if n_escaped:
         u[escaped] = data[escape_start:].view("<i8").astype(np.int64)
     return model.residuals(_unzigzag(u).T)
+
+
+def _unpack_fixed(padded: np.ndarray, starts: np.ndarray, rows: int, width: int) -> np.ndarray:
+    """int64 (len(starts), rows) values of width bits packed low bit first from byte starts[i]
+    of padded (uint32 bytes, three zero bytes past the end)."""
+    if width > 17:  # wider than a 3-byte window at any bit offset: bit by bit
+        index = starts[:, None] * 8 + np.arange(rows * width)
+        bits = (padded[index >> 3] >> (index & 7).astype(np.uint32)) & 1
+        return (bits.reshape(len(starts), rows, width).astype(np.int64) << np.arange(width, dtype=np.int64)).sum(axis=2)
+    offsets = np.arange(rows, dtype=np.int64) * width
+    byte = starts[:, None] + (offsets >> 3)[None, :]
+    window = padded[byte] | (padded[byte + 1] << 8) | (padded[byte + 2] << 16)
+    return ((window >> (offsets & 7).astype(np.uint32)) & np.uint32((1 << width) - 1)).astype(np.int64)
 
 
 def _pack_fixed(values: np.ndarray, width: int) -> np.ndarray:

@@ -6,7 +6,10 @@ resident and decodes the candidates' rows per query (DESIGN.md "Index versions")
 from __future__ import annotations
 
 import math
+import os
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NoReturn
 
 import numpy as np
@@ -18,6 +21,7 @@ from colgrid_server.index._codecs import INT8_MAX, ResidualBuckets, int8_decode,
 from colgrid_server.index._entropy import EntropyModel, decode_block
 from colgrid_server.index._stores import DenseTokens, Int8Tokens, ResidualTokens, TokenStore
 
+DECODE_THREADS = 8  # entropy blocks decoded at once while loading (at most the machine's cores)
 Read = Callable[..., np.ndarray]  # (array name, selection=...) -> values; CorruptVersion on failure
 Fail = Callable[[str], NoReturn]
 
@@ -131,21 +135,21 @@ class TokenLoader:
                              escape_quotient=int(codec["escape_quotient"]))  # fmt: skip
         block_rows, renormalize = int(codec["block_rows"]), bool(codec.get("renormalize", False))
 
-        def blocks() -> Iterator[tuple[int, np.ndarray]]:
-            for index, start in enumerate(range(0, self.n_tok, block_rows)):
-                rows = min(block_rows, self.n_tok - start)
-                data = self.read(F.ENTROPY_BYTES, slice(int(offsets[index]), int(offsets[index + 1])))
-                try:
-                    residuals = decode_block(data, unary[index], rows, model)
-                except ValueError as exc:
-                    self.fail(f"entropy block {index} (tokens {start}..{start + rows}) does not decode: {exc}")
-                values = torch.from_numpy(residuals).add_(torch.from_numpy(centroids).index_select(
-                    0, torch.from_numpy(codes[start : start + rows].astype(np.int64))))  # fmt: skip
-                if renormalize:
-                    values.div_(torch.linalg.vector_norm(values, dim=1, keepdim=True).clamp_min_(1e-12))
-                yield start, values.numpy()
+        def block(index: int) -> tuple[int, np.ndarray]:
+            start = index * block_rows
+            rows = min(block_rows, self.n_tok - start)
+            data = self.read(F.ENTROPY_BYTES, slice(int(offsets[index]), int(offsets[index + 1])))
+            try:
+                values = decode_block(data, unary[index], rows, model)
+            except ValueError as exc:
+                self.fail(f"entropy block {index} (tokens {start}..{start + rows}) does not decode: {exc}")
+            values += centroids[codes[start : start + rows]]
+            if renormalize:
+                values /= np.maximum(np.linalg.norm(values, axis=1, keepdims=True), 1e-12)
+            return start, values
 
-        tokens, max_norm = self._dense_from(blocks(), F.ENTROPY_BYTES)
+        n_blocks = offsets.shape[0] - 1
+        tokens, max_norm = self._dense_from(_in_order(block, n_blocks), F.ENTROPY_BYTES)
         return DenseTokens(tokens, codec=codec["name"], max_norm=max_norm)
 
     def _dense(self, name: str, decode: Callable[[np.ndarray, int], np.ndarray]) -> tuple[torch.Tensor, float]:
@@ -177,6 +181,20 @@ class TokenLoader:
         step = array.chunks[0]
         for start in range(0, self.n_tok, step):
             yield start, self.read(name, slice(start, start + step))
+
+
+def _in_order(work: Callable[[int], tuple[int, np.ndarray]], count: int) -> Iterator[tuple[int, np.ndarray]]:
+    """work(0), ..., work(count - 1) in order, run on a few threads (numpy releases the GIL in
+    the decoding), with at most two results per thread waiting: bounded memory."""
+    workers = max(1, min(DECODE_THREADS, os.cpu_count() or 1, count))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="colgrid-decode") as pool:
+        pending: deque[Future[tuple[int, np.ndarray]]] = deque()
+        for index in range(count):
+            pending.append(pool.submit(work, index))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def _block_max_norm(block: np.ndarray) -> float:
