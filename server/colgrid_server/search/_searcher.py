@@ -9,8 +9,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from colgrid_server.batching import Batcher
 from colgrid_server.errors import InvalidArgument
 from colgrid_server.index import LoadedVersion, TokenStore
+from colgrid_server.search._batched import ExactRequest, batched_exact_top_k
 from colgrid_server.search._candidates import CandidateGenerator
 from colgrid_server.search._maxsim import (
     DEFAULT_BLOCK_TOKENS,
@@ -33,6 +35,10 @@ DEFAULT_SEARCH_THREADS = 1
 # On a GPU a block is one kernel launch sequence and its host-side layout: big blocks amortise
 # both (2^18 x 128 fp32 similarities for 32 query tokens is 32 MB of device memory).
 GPU_BLOCK_TOKENS = 1 << 18
+# Concurrent searches batched into one exact pass (GPU): at most this many, a leader waiting at
+# most this long for companions (Triton's max queue delay; far below a search's own latency).
+MAX_QUERY_BATCH = 16
+GPU_BATCH_DELAY = 0.0005
 
 
 class Searcher:
@@ -49,14 +55,24 @@ class Searcher:
         block_tokens: int | None = None,
         fast_pass: bool | None = None,
         threads: int = DEFAULT_SEARCH_THREADS,
+        batch_queries: bool | None = None,
+        batch_delay: float = GPU_BATCH_DELAY,
     ) -> None:
+        """batch_queries (default: on a GPU): concurrent searches' exact stages run together,
+        one pass over the union of their candidates (`batched_exact_top_k`), a leader waiting
+        at most batch_delay seconds for companions. On CPU each search's own screened pass is
+        faster, so it is off there by default."""
         self.version = version
+        on_gpu = version.device.type == "cuda"
         if block_tokens is None:
-            block_tokens = GPU_BLOCK_TOKENS if version.device.type == "cuda" else DEFAULT_BLOCK_TOKENS
+            block_tokens = GPU_BLOCK_TOKENS if on_gpu else DEFAULT_BLOCK_TOKENS
         self.block_tokens = block_tokens
         self.threads = threads
         self.fast_pass = version.device.type == "cpu" if fast_pass is None else fast_pass
         self._candidates = CandidateGenerator(version, block_tokens=block_tokens)
+        self.batcher: Batcher[ExactRequest, TopK] | None = None
+        if on_gpu if batch_queries is None else batch_queries:
+            self.batcher = Batcher(self._top_k_batch, max_batch=MAX_QUERY_BATCH, max_delay=batch_delay)
 
     def search(self, query_vectors: np.ndarray, query_tokens: Sequence[str], params: SearchParams) -> SearchResult:
         """Approximate candidates (nprobe, n_candidates), exact MaxSim on them."""
@@ -101,9 +117,20 @@ class Searcher:
         return SearchResult(hits=hits, stats=stats)
 
     def _top_k(self, query: torch.Tensor, docs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        v = self.version
-        top = exact_top_k(query, v.store, v.doc_offsets, docs, k, fast_pass=self.fast_pass, block_tokens=self.block_tokens)
+        if self.batcher is not None:
+            top = self.batcher.submit(ExactRequest(query=query, docs=docs, k=k))
+        else:
+            v = self.version
+            top = exact_top_k(query, v.store, v.doc_offsets, docs, k, fast_pass=self.fast_pass, block_tokens=self.block_tokens)
         return top.docs, top.scores
+
+    def _top_k_batch(self, requests: list[ExactRequest]) -> list[TopK]:
+        v = self.version
+        if len(requests) == 1:  # alone: the search's own path (with its fast pass, if any)
+            r = requests[0]
+            return [exact_top_k(r.query, v.store, v.doc_offsets, r.docs, r.k, fast_pass=self.fast_pass, block_tokens=self.block_tokens)]
+        results = batched_exact_top_k(requests, v.store, v.doc_offsets, block_tokens=self.block_tokens)
+        return [TopK(docs=res.docs, scores=res.scores, scored=np.asarray(req.docs)) for req, res in zip(requests, results)]
 
     def _explain(
         self, query: torch.Tensor, query_tokens: Sequence[str], docs: np.ndarray, scores: np.ndarray
