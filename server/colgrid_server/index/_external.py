@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -107,8 +108,28 @@ def build_version_from_arrays(
                 texts=None if texts is None else texts[first:last],
                 metadata=None if metadata is None else metadata[first:last],
             )
+            _release_rows(tokens, lo, hi)
             bar.update(hi - lo)
         return writer.finalize(progress=progress)
+
+
+def _release_rows(tokens: np.ndarray | TokenRows, lo: int, hi: int) -> None:
+    """Drop the pages of a memory-mapped input's rows [lo, hi) once written: each row is read
+    once, and otherwise every page read stays in the builder's resident memory until the end
+    (7.6 GB of 7.8 GB file-backed RSS for 10.7M 384-d tokens, through k-means and assignment,
+    which never read them again). Clean file pages: the kernel rereads them if ever needed."""
+    mapped = getattr(tokens, "_mmap", None)
+    if not isinstance(tokens, np.memmap) or mapped is None or not tokens.flags.c_contiguous or hi <= lo:
+        return
+    row_bytes = tokens.strides[0]
+    start = tokens.offset % mmap.ALLOCATIONGRANULARITY  # where the array begins in the mapping
+    first = -(-(start + lo * row_bytes) // mmap.PAGESIZE) * mmap.PAGESIZE
+    last = (start + hi * row_bytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        try:
+            mapped.madvise(mmap.MADV_DONTNEED, first, last - first)
+        except (OSError, ValueError, AttributeError):  # advice only: never fail a build over it
+            pass
 
 
 def _normalization(normalized: bool) -> str:

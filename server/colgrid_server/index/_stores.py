@@ -149,7 +149,7 @@ def residual_max_norm(centroids: torch.Tensor, table: torch.Tensor, renormalize:
 
 
 INT8_LEVELS = 127
-SCREEN_BUILD_ROWS = 1 << 16  # rows converted at a time while building a screen: bounded memory
+SCREEN_BUILD_ROWS = 1 << 14  # rows converted at a time while building a screen (float64: ~50 MB per temporary at dim 384)
 
 
 @dataclass(frozen=True, eq=False)
