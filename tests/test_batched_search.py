@@ -14,7 +14,7 @@ from colgrid_server.batching import Batcher
 from colgrid_server.index import DenseTokens, open_version
 from colgrid_server.index.testing import SyntheticCorpus, reference_maxsim, write_synthetic_version
 from colgrid_server.search import SearchParams, Searcher
-from colgrid_server.search._batched import ExactRequest, batched_exact_top_k
+from colgrid_server.search._batched import ExactRequest, batched_exact_top_k, segment_maxima
 
 DIM = 24
 
@@ -49,7 +49,7 @@ def test_each_batched_query_gets_the_float64_top_k_of_its_own_candidates(block_t
     lengths = list(np.random.default_rng(5).integers(1, 90, size=120))
     store, offsets, docs = _store(lengths)
     requests = _requests(len(lengths))
-    results = batched_exact_top_k(requests, store, offsets, block_tokens=block_tokens)
+    results = batched_exact_top_k(requests, segment_maxima(store, offsets, block_tokens))
     assert len(results) == len(requests)
     for request, result in zip(requests, results):
         expected_docs, expected_scores = _reference_top(request, docs)
@@ -63,7 +63,7 @@ def test_overlapping_and_identical_candidate_sets_are_scored_per_query():
     rng = np.random.default_rng(2)
     queries = [torch.from_numpy(rng.standard_normal((n, DIM)).astype(np.float32)) for n in (3, 8, 3)]
     requests = [ExactRequest(q, everything, 6) for q in queries] + [ExactRequest(queries[0], np.array([4, 1]), 6)]
-    results = batched_exact_top_k(requests, store, offsets, block_tokens=8)
+    results = batched_exact_top_k(requests, segment_maxima(store, offsets, 8))
     for request, result in zip(requests, results):
         np.testing.assert_array_equal(result.docs, _reference_top(request, docs)[0])
     assert sorted(results[3].docs.tolist()) == [1, 4]  # only its own candidates, never another query's
@@ -71,7 +71,7 @@ def test_overlapping_and_identical_candidate_sets_are_scored_per_query():
 
 def test_an_empty_batch_has_no_results():
     store, offsets, _ = _store([3])
-    assert batched_exact_top_k([], store, offsets, block_tokens=16) == []
+    assert batched_exact_top_k([], segment_maxima(store, offsets, 16)) == []
 
 
 # -- through the Searcher ---------------------------------------------------------------------
@@ -97,9 +97,10 @@ def _tokens(query: np.ndarray) -> list[str]:
     return [f"q{i}" for i in range(query.shape[0])]
 
 
-def test_concurrent_batched_searches_answer_as_each_search_alone(version, corpus):
+@pytest.mark.parametrize("padded", [False, True], ids=["segment-kernel", "padded-layout"])
+def test_concurrent_batched_searches_answer_as_each_search_alone(version, corpus, padded):
     alone = Searcher(version, batch_queries=False, fast_pass=False)
-    batched = Searcher(version, batch_queries=True, batch_delay=0.05)
+    batched = Searcher(version, batch_queries=True, batch_delay=0.05, padded=padded)
     queries = _queries(corpus, 24)
     params = [SearchParams(k=10), SearchParams(k=3, nprobe=8), SearchParams(k=20, explain=True)]
     barrier = threading.Barrier(8)

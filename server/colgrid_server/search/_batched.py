@@ -9,7 +9,7 @@ float32 MaxSim of each query's candidates, as `maxsim_scores` computes them (up 
 rounding of a differently shaped matmul)."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,16 +37,28 @@ class ExactResult:
     scores: np.ndarray  # their float32 MaxSim
 
 
-def batched_exact_top_k(
-    requests: Sequence[ExactRequest], store: TokenStore, doc_offsets: np.ndarray, *, block_tokens: int
-) -> list[ExactResult]:
-    """The k best candidates of every request by float32 MaxSim, in one pass."""
+# (query (Q, dim), document indices) -> (len(docs), Q) float32 per-document maxima
+MaximaFn = Callable[[torch.Tensor, np.ndarray], torch.Tensor]
+
+
+def segment_maxima(store: TokenStore, doc_offsets: np.ndarray, block_tokens: int) -> MaximaFn:
+    """The segment kernel's maxima, its blocks shrunk as the query tokens grow."""
+
+    def maxima(query: torch.Tensor, docs: np.ndarray) -> torch.Tensor:
+        rows = max(MIN_BLOCK_TOKENS, block_tokens * REFERENCE_QUERY_TOKENS // max(1, query.shape[0]))
+        return _segment_maxima(query, store, doc_offsets, docs, rows, torch.float32)
+
+    return maxima
+
+
+def batched_exact_top_k(requests: Sequence[ExactRequest], maxima_of: MaximaFn) -> list[ExactResult]:
+    """The k best candidates of every request by float32 MaxSim, in one pass of maxima_of
+    (`segment_maxima`, or `PaddedDocuments.maxima`) over the union of their candidates."""
     if not requests:
         return []
     union, inverse = np.unique(np.concatenate([np.asarray(r.docs, dtype=np.int64) for r in requests]), return_inverse=True)
     queries = torch.cat([r.query.to(torch.float32) for r in requests])
-    rows = max(MIN_BLOCK_TOKENS, block_tokens * REFERENCE_QUERY_TOKENS // max(1, queries.shape[0]))
-    maxima = _segment_maxima(queries, store, doc_offsets, union, rows, torch.float32)
+    maxima = maxima_of(queries, union)
     results, position, column = [], 0, 0
     for request in requests:
         n_docs, n_q = len(request.docs), request.query.shape[0]

@@ -11,8 +11,8 @@ import torch
 
 from colgrid_server.batching import Batcher
 from colgrid_server.errors import InvalidArgument
-from colgrid_server.index import LoadedVersion, TokenStore
-from colgrid_server.search._batched import ExactRequest, batched_exact_top_k
+from colgrid_server.index import DenseTokens, LoadedVersion, TokenStore
+from colgrid_server.search._batched import ExactRequest, batched_exact_top_k, segment_maxima
 from colgrid_server.search._candidates import CandidateGenerator
 from colgrid_server.search._maxsim import (
     DEFAULT_BLOCK_TOKENS,
@@ -22,6 +22,7 @@ from colgrid_server.search._maxsim import (
     maxsim_scores,
     screened_exact_scores,
 )
+from colgrid_server.search._padded import PaddedDocuments
 from colgrid_server.search._params import SearchParams
 from colgrid_server.search._results import Hit, PatchRef, SearchResult, SearchStats, TokenMatch
 
@@ -57,11 +58,15 @@ class Searcher:
         threads: int = DEFAULT_SEARCH_THREADS,
         batch_queries: bool | None = None,
         batch_delay: float = GPU_BATCH_DELAY,
+        padded: bool | None = None,
     ) -> None:
         """batch_queries (default: on a GPU): concurrent searches' exact stages run together,
         one pass over the union of their candidates (`batched_exact_top_k`), a leader waiting
         at most batch_delay seconds for companions. On CPU each search's own screened pass is
-        faster, so it is off there by default."""
+        faster, so it is off there by default.
+        padded (default: on a GPU, for float16-resident tokens): exact MaxSim reads a padded
+        copy of the tokens bucketed by document length (`PaddedDocuments`) instead of
+        gathering rows."""
         self.version = version
         on_gpu = version.device.type == "cuda"
         if block_tokens is None:
@@ -70,6 +75,11 @@ class Searcher:
         self.threads = threads
         self.fast_pass = version.device.type == "cpu" if fast_pass is None else fast_pass
         self._candidates = CandidateGenerator(version, block_tokens=block_tokens)
+        self.padded: PaddedDocuments | None = None
+        store = version.store
+        if (on_gpu if padded is None else padded) and isinstance(store, DenseTokens):
+            self.padded = PaddedDocuments(store.tokens, version.doc_offsets)
+        self._maxima = self.padded.maxima if self.padded is not None else segment_maxima(store, version.doc_offsets, block_tokens)
         self.batcher: Batcher[ExactRequest, TopK] | None = None
         if on_gpu if batch_queries is None else batch_queries:
             self.batcher = Batcher(self._top_k_batch, max_batch=MAX_QUERY_BATCH, max_delay=batch_delay)
@@ -117,19 +127,16 @@ class Searcher:
         return SearchResult(hits=hits, stats=stats)
 
     def _top_k(self, query: torch.Tensor, docs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        if self.batcher is not None:
-            top = self.batcher.submit(ExactRequest(query=query, docs=docs, k=k))
-        else:
-            v = self.version
-            top = exact_top_k(query, v.store, v.doc_offsets, docs, k, fast_pass=self.fast_pass, block_tokens=self.block_tokens)
+        request = ExactRequest(query=query, docs=docs, k=k)
+        top = self.batcher.submit(request) if self.batcher is not None else self._top_k_batch([request])[0]
         return top.docs, top.scores
 
     def _top_k_batch(self, requests: list[ExactRequest]) -> list[TopK]:
         v = self.version
-        if len(requests) == 1:  # alone: the search's own path (with its fast pass, if any)
+        if len(requests) == 1 and self.padded is None:  # alone: the search's own path (with its fast pass, if any)
             r = requests[0]
             return [exact_top_k(r.query, v.store, v.doc_offsets, r.docs, r.k, fast_pass=self.fast_pass, block_tokens=self.block_tokens)]
-        results = batched_exact_top_k(requests, v.store, v.doc_offsets, block_tokens=self.block_tokens)
+        results = batched_exact_top_k(requests, self._maxima)
         return [TopK(docs=res.docs, scores=res.scores, scored=np.asarray(req.docs)) for req, res in zip(requests, results)]
 
     def _explain(
