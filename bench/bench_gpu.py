@@ -1,7 +1,9 @@
 """GPU path figures (run on a CUDA machine: `bash bench/gpu_check.sh`; also runs on CPU).
 
 1. Exact MaxSim kernel over a candidate set (32 query tokens x 1,000 candidates x 100-1,000
-   tokens each) vs one plain matmul of the same shapes, on the same device, per dtype.
+   tokens each) vs one plain matmul of the same shapes, on the same device, per dtype; the
+   segment kernel and the padded layout (the GPU default), each as a fraction of the device's
+   measured memory bandwidth (candidates' float16 bytes per second / a device copy's).
 2. Whole searches (centroid candidates + exact MaxSim) on a synthetic clustered version built
    from arrays: queries/second on the device vs the CPU, defaults and exhaustive.
 Writes JSON (--out).
@@ -20,6 +22,7 @@ import torch
 
 from colgrid_server.index import build_version_from_arrays, open_version
 from colgrid_server.search import SearchParams, Searcher, maxsim_scores
+from colgrid_server.search._padded import PaddedDocuments
 
 
 def _sync(device: torch.device) -> None:
@@ -62,6 +65,22 @@ def kernel(device: torch.device, dim: int, repeat: int, seed: int = 0) -> dict:
         a, b = tokens.float(), query.to(device).T.contiguous()
         matmuls["tf32"] = _timed(lambda: torch.mm(a, b), device, repeat)
         torch.backends.cuda.matmul.allow_tf32 = False
+    layout = PaddedDocuments(tokens, offsets)
+    padded = _timed(lambda: layout.maxima(query, docs).sum(dim=1), device, repeat)
+    out["maxsim_padded_ms"] = padded * 1e3
+    # Memory bandwidth: bytes the kernel must read at least (the candidates' float16 tokens)
+    # per second, against a device-to-device copy's (read + write) on the same device.
+    source = torch.empty(1 << 28, dtype=torch.float16, device=device)
+    target = torch.empty_like(source)
+    copy_s = _timed(lambda: target.copy_(source), device, repeat)
+    bandwidth = 2 * source.element_size() * source.nelement() / copy_s
+    candidate_bytes = tokens.element_size() * tokens.nelement()
+    out["copy_bandwidth_gb_s"] = bandwidth / 1e9
+    out["candidate_bytes"] = candidate_bytes
+    out["padded_bytes"] = layout.nbytes
+    out["segment_fraction_of_bandwidth"] = candidate_bytes / maxsim_fp32 / bandwidth
+    out["padded_fraction_of_bandwidth"] = candidate_bytes / padded / bandwidth
+    del source, target
     fastest = min(matmuls.values())
     out["matmul_ms"] = {k: v * 1e3 for k, v in matmuls.items()}
     out["matmul_tflops"] = {k: flops / v / 1e12 for k, v in matmuls.items()}
