@@ -30,10 +30,11 @@ import numpy as np
 
 BLOCK_ROWS = 16384  # tokens per coded block: ~100 MB of scratch to decode one at dim 384
 ESCAPE_QUOTIENT = 40  # a unary quotient this long marks a value stored whole in the escape stream
-SIZE_MARGIN = 0.01  # fraction of the budget kept back: the fit sample only estimates the size
+SIZE_MARGIN = 0.005  # fraction of the budget kept back: the fit sample only estimates the size
 MAX_RICE_K = 40
 SYMBOL_LIMIT = float(1 << 40)
-EIGEN_FLOOR = 1e-6  # eigenvalues below this fraction of the largest count as this (no 1/0 weights)
+EIGEN_FLOOR = 1e-6
+ARRAY_METADATA_BYTES = 6 * 1024  # eigenvalues below this fraction of the largest count as this (no 1/0 weights)
 
 
 @dataclass(frozen=True)
@@ -71,8 +72,11 @@ def fit_entropy_model(
     (S, dim) and their residuals. The first half sets the rotation, the second the step and
     Rice parameters (a step fitted on the tokens that set the rotation would underestimate the
     size)."""
-    tokens = np.asarray(tokens, dtype=np.float64)
-    residuals = np.asarray(residuals, dtype=np.float32)
+    # Shuffled before the halves are cut: a sample drawn in corpus order would set the step
+    # on the corpus' second half only (on 20k docstrings, its tokens cost 4% fewer bits).
+    shuffle = np.random.default_rng(0).permutation(np.shape(tokens)[0])
+    tokens = np.asarray(tokens, dtype=np.float64)[shuffle]
+    residuals = np.asarray(residuals, dtype=np.float32)[shuffle]
     n, dim = tokens.shape
     half = n // 2 if n >= 64 else n
     second = tokens[:half].T @ tokens[:half] / max(1, half)
@@ -93,8 +97,8 @@ def fit_entropy_model(
 
 def fixed_bytes(dim: int) -> int:
     """Bytes of a version's entropy arrays that do not grow with its tokens: rotation, scales,
-    Rice parameters, one int64 offset."""
-    return 4 * dim * dim + 4 * dim + dim + 8
+    Rice parameters, one int64 offset, and the arrays' zarr.json files (~0.7 KB each)."""
+    return 4 * dim * dim + 4 * dim + dim + 8 + ARRAY_METADATA_BYTES
 
 
 def _overhead_bits_per_token(dim: int) -> float:
