@@ -1,6 +1,7 @@
 """Searcher: candidates -> exact MaxSim -> top-k -> explanations, over one loaded version."""
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -25,6 +26,8 @@ from colgrid_server.search._maxsim import (
 from colgrid_server.search._padded import PaddedDocuments
 from colgrid_server.search._params import SearchParams
 from colgrid_server.search._results import Hit, PatchRef, SearchResult, SearchStats, TokenMatch
+
+_log = logging.getLogger(__name__)
 
 # Below this many candidate tokens one exact float32 pass is as cheap as a bf16 pass plus the
 # exact re-score it needs.
@@ -78,7 +81,12 @@ class Searcher:
         self.padded: PaddedDocuments | None = None
         store = version.store
         if (on_gpu if padded is None else padded) and isinstance(store, DenseTokens):
-            self.padded = PaddedDocuments(store.tokens, version.doc_offsets)
+            try:
+                self.padded = PaddedDocuments(store.tokens, version.doc_offsets)
+            except torch.OutOfMemoryError:  # a second copy does not fit the device: gather rows instead
+                _log.warning("version %s: no device memory for the padded layout; exact MaxSim gathers rows", version.name)
+                if on_gpu:
+                    torch.cuda.empty_cache()
         self._maxima = self.padded.maxima if self.padded is not None else segment_maxima(store, version.doc_offsets, block_tokens)
         self.batcher: Batcher[ExactRequest, TopK] | None = None
         if on_gpu if batch_queries is None else batch_queries:
