@@ -2,13 +2,14 @@
 against exhaustive exact MaxSim vs queries per second for every knob setting of each system,
 plus exhaustive search itself; index build time and bytes on disk of each. Not part of CI.
 
-    .venv/bin/python bench/bench_fastplaid.py [--docs 20000] [--limit-queries 100] [--out bench/results/fastplaid.json]
+    .venv/bin/python bench/bench_fastplaid.py [--docs 20000] [--limit-queries 100] [--colgrid-codecs fp16,entropy4] [--out bench/results/fastplaid.json]
 
 fast-plaid pins its own torch, so it runs in a separate virtualenv (created here on first use,
 --venv) as a child process (_fastplaid_worker.py). The corpus, the colgrid version (its fp16
 tokens are the embeddings both systems index), the queries and the exhaustive ground truth are
 bench_search.py's, cached under --work-dir; the embeddings are exported once as .npy for
-fast-plaid. Settings of both systems are interleaved per query (the two processes take turns,
+fast-plaid. colgrid builds one version per --colgrid-codecs entry from the same arrays (each its
+own system on the curve). Settings of both systems are interleaved per query (the two processes take turns,
 never run at once), one query per call, single process, the same torch thread count. See
 bench/README.md.
 """
@@ -37,13 +38,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_search as bs  # noqa: E402  (the corpus, version and ground truth it caches)
 
 from colgrid_server.encoders import ensure_default_encoder, load_encoder  # noqa: E402
-from colgrid_server.index import LoadedVersion, build_version_from_arrays, open_version, version_exists  # noqa: E402
+from colgrid_server.index import CODECS, LoadedVersion, build_version_from_arrays, open_version, version_exists  # noqa: E402
 from colgrid_server.search import SearchParams, Searcher  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "_fastplaid_worker.py"
 TARGET_RECALL = 0.95
 FP_DEFAULT_POINTS_PER_CENTROID = 256  # FastPlaid.create's max_points_per_centroid
+HEADLINE_CODEC = "fp16"  # the headline ratio: colgrid's default version against the best fast-plaid index
+# colgrid codecs stored in the same bytes per token as a fast-plaid index of nbits (dim 384:
+# entropy4 <= 192 B/token, fast-plaid nbits 4 = 192 B/token of residuals): compared pairwise.
+EQUAL_BYTES_NBITS = {"entropy4": 4, "entropy2": 2}
 
 
 # --- fast-plaid's virtualenv and index ------------------------------------------------------
@@ -95,7 +100,7 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def colgrid_build_child(vectors: str, final_dir: str, threads: int, record_path: str) -> None:
+def colgrid_build_child(vectors: str, final_dir: str, codec: str, threads: int, record_path: str) -> None:
     torch.set_num_threads(threads)
     source = json.loads((Path(vectors) / "source.json").read_text())
     tokens = np.load(Path(vectors) / "tokens.npy", mmap_mode="r")
@@ -104,23 +109,27 @@ def colgrid_build_child(vectors: str, final_dir: str, threads: int, record_path:
     load_before = list(os.getloadavg())
     started, cpu_started = time.perf_counter(), cpu_seconds()
     summary = build_version_from_arrays(Path(final_dir), tokens=tokens, doc_offsets=offsets, doc_ids=ids,
-                                        normalized=bool(source.get("normalized", True)))  # fmt: skip
+                                        normalized=bool(source.get("normalized", True)), build_params={"codec": codec})  # fmt: skip
     record = {"documents": summary.documents, "tokens": summary.tokens, "centroids": summary.centroids,
               "build_s": time.perf_counter() - started, "build_cpu_s": cpu_seconds() - cpu_started, "threads": threads,
               "peak_rss_mb": bs.peak_rss_mb(), "load_average_at_start": load_before, "load_average_at_end": list(os.getloadavg()),
-              "knobs": "build_version_from_arrays defaults (fp16 tokens)", "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # fmt: skip
+              "codec": codec,
+              "knobs": f"build_version_from_arrays defaults, build_params codec={codec}", "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # fmt: skip
     Path(record_path).write_text(json.dumps(record, indent=2))
 
 
-def ensure_colgrid_index(vectors: Path, root: Path, threads: int, rebuild: bool) -> tuple[Path, dict[str, Any]]:
-    """colgrid's version of the exported arrays (no texts: like fast-plaid's index, vectors only),
-    built in a child process so that its peak RSS and CPU time are its own."""
-    final_dir, record = root / "colgrid-fp16", root / "colgrid-fp16.build.json"
+def ensure_colgrid_index(vectors: Path, root: Path, codec: str, threads: int, rebuild: bool) -> tuple[Path, dict[str, Any]]:
+    """colgrid's version of the exported arrays with the given codec, named colgrid-<codec> (no
+    texts: like fast-plaid's index, vectors only), built in a child process so that its peak RSS
+    and CPU time are its own."""
+    final_dir, record = root / f"colgrid-{codec}", root / f"colgrid-{codec}.build.json"
     if version_exists(final_dir) and record.is_file() and not rebuild:
-        return final_dir, {**json.loads(record.read_text()), "cached": True}
+        # Records written before codecs were selectable are fp16 builds.
+        return final_dir, {"codec": "fp16", **json.loads(record.read_text()), "cached": True}
     shutil.rmtree(final_dir, ignore_errors=True)
-    bs.log(f"colgrid: building {final_dir} ({threads} threads)")
-    child = multiprocessing.get_context("spawn").Process(target=colgrid_build_child, args=(str(vectors), str(final_dir), threads, str(record)))
+    bs.log(f"colgrid: building {final_dir} (codec {codec}, {threads} threads)")
+    child = multiprocessing.get_context("spawn").Process(target=colgrid_build_child,
+                                                         args=(str(vectors), str(final_dir), codec, threads, str(record)))  # fmt: skip
     child.start()
     child.join()
     if child.exitcode != 0:
@@ -184,41 +193,49 @@ class Worker:
 # --- the sweep -------------------------------------------------------------------------------
 
 
-def sweep(searcher: Searcher, worker: Worker, encoded: list[Any], truth: list[list[str]], doc_ids: list[str], k: int,
-          colgrid: list[tuple[int, int]], fastplaid: list[tuple[str, int, int]], exhaustive: bool,
+def colgrid_system(index: str) -> str:
+    """"colgrid-entropy4" (a version's directory name) -> "colgrid entropy4" (its system name)."""
+    return "colgrid " + index.removeprefix("colgrid-")
+
+
+def sweep(searchers: dict[str, Searcher], worker: Worker, encoded: list[Any], truth: list[list[str]], doc_ids: list[str],
+          k: int, colgrid: list[tuple[str, int, int]], fastplaid: list[tuple[str, int, int]], exhaustive: str | None,
           warmup: int) -> list[dict[str, Any]]:  # fmt: skip
-    """Every setting of both systems on every query. The systems take turns per query (which
-    goes first alternates), so load from other processes falls on both alike; only one of the
-    two processes works at any moment."""
-    settings = [SearchParams(k=k, nprobe=p, n_candidates=c) for p, c in colgrid]
-    keys: list[tuple[str, ...]] = [("colgrid", str(p), str(c)) for p, c in colgrid]
+    """Every setting of every colgrid version (searchers, by version name) and of fast-plaid on
+    every query; exhaustive search on the version named by exhaustive. The two processes take
+    turns per query (which goes first alternates, and so does the order of the colgrid versions),
+    so load from other processes falls on all alike; only one process works at any moment."""
+    keys: list[tuple[str, ...]] = [("colgrid", name, str(p), str(c)) for name, p, c in colgrid]
+    params = {key: SearchParams(k=k, nprobe=int(key[2]), n_candidates=int(key[3])) for key in keys}
     keys += [("fast-plaid", name, str(probe), str(full)) for name, probe, full in fastplaid]
     if exhaustive:
-        keys.append(("exhaustive",))
+        keys.append(("exhaustive", exhaustive))
+    groups = [[key for key in params if key[1] == name] for name in dict.fromkeys(name for name, _, _ in colgrid)]
     seconds: dict[tuple[str, ...], list[float]] = {key: [] for key in keys}
     recalls: dict[tuple[str, ...], list[float]] = {key: [] for key in keys}
     for i in range(min(warmup, len(encoded))):
-        for params in settings:
-            searcher.search(encoded[i].vectors, encoded[i].tokens, params)
+        for key, p in params.items():
+            searchers[key[1]].search(encoded[i].vectors, encoded[i].tokens, p)
         worker.search(i, fastplaid, k)
 
     def run_colgrid(i: int) -> None:
         q, exact = encoded[i], set(truth[i])
-        for key, params in zip(keys, settings):
-            started = time.perf_counter()
-            result = searcher.search(q.vectors, q.tokens, params)
-            seconds[key].append(time.perf_counter() - started)
-            recalls[key].append(len({h.doc_id for h in result.hits} & exact) / k)
+        for group in (groups if i % 2 == 0 else groups[::-1]):
+            for key in group:
+                started = time.perf_counter()
+                result = searchers[key[1]].search(q.vectors, q.tokens, params[key])
+                seconds[key].append(time.perf_counter() - started)
+                recalls[key].append(len({h.doc_id for h in result.hits} & exact) / k)
         if exhaustive:
             started = time.perf_counter()
-            result = searcher.exhaustive(q.vectors, q.tokens, SearchParams(k=k))
-            seconds[("exhaustive",)].append(time.perf_counter() - started)
-            recalls[("exhaustive",)].append(len({h.doc_id for h in result.hits} & exact) / k)
+            result = searchers[exhaustive].exhaustive(q.vectors, q.tokens, SearchParams(k=k))
+            seconds[("exhaustive", exhaustive)].append(time.perf_counter() - started)
+            recalls[("exhaustive", exhaustive)].append(len({h.doc_id for h in result.hits} & exact) / k)
 
     def run_fastplaid(i: int) -> None:
         exact = set(truth[i])
         reply = worker.search(i, fastplaid, k)
-        for key, r in zip(keys[len(settings):], reply["results"]):
+        for key, r in zip(keys[len(params):], reply["results"]):
             seconds[key].append(r["seconds"])
             recalls[key].append(len({doc_ids[d] for d in r["ids"]} & exact) / k)
 
@@ -229,15 +246,24 @@ def sweep(searcher: Searcher, worker: Worker, encoded: list[Any], truth: list[li
             bs.log(f"  sweep {i + 1}/{len(encoded)} queries")
     rows = []
     for key in keys:
-        row: dict[str, Any] = {"system": key[0]}
+        row: dict[str, Any] = {"system": key[0], "index": key[1]}
         if key[0] == "colgrid":
-            row.update(nprobe=int(key[1]), n_candidates=int(key[2]))
+            row.update(nprobe=int(key[2]), n_candidates=int(key[3]))
         elif key[0] == "fast-plaid":
-            row.update(index=key[1], n_ivf_probe=int(key[2]), n_full_scores=int(key[3]))
+            row.update(n_ivf_probe=int(key[2]), n_full_scores=int(key[3]))
         row[f"recall_at_{k}"] = float(np.mean(recalls[key]))
         row.update(bs.latency_figures(seconds[key]))
         rows.append(row)
     return rows
+
+
+def system_of(row: dict[str, Any]) -> str:
+    """The curve a row belongs to: "colgrid fp16", "fast-plaid nbits4-kmeans16", "exhaustive"."""
+    if row["system"] == "colgrid":
+        return colgrid_system(row["index"])
+    if row["system"] == "fast-plaid":
+        return f"fast-plaid {row['index']}"
+    return "exhaustive"
 
 
 def frontier(rows: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
@@ -258,12 +284,48 @@ def best_at(rows: list[dict[str, Any]], k: int, target: float) -> dict[str, Any]
     return max(ok, key=lambda r: r["qps"]) if ok else None
 
 
+def most_accurate(rows: list[dict[str, Any]], k: int) -> dict[str, Any]:
+    return max(rows, key=lambda r: (r[f"recall_at_{k}"], r["qps"]))
+
+
 def label(row: dict[str, Any]) -> str:
     if row["system"] == "colgrid":
-        return f"colgrid nprobe={row['nprobe']} n_candidates={row['n_candidates']}"
+        return f"{colgrid_system(row['index'])} nprobe={row['nprobe']} n_candidates={row['n_candidates']}"
     if row["system"] == "fast-plaid":
         return f"fast-plaid {row['index']} n_ivf_probe={row['n_ivf_probe']} n_full_scores={row['n_full_scores']}"
-    return "exhaustive"
+    return f"exhaustive ({row['index']})"
+
+
+def ratio(a: dict[str, Any] | None, b: dict[str, Any] | None) -> float | None:
+    return a["qps"] / b["qps"] if a and b else None
+
+
+def comparison(points: dict[str, dict[str, Any] | None], systems: dict[str, list[dict[str, Any]]], k: int,
+               pairs: list[tuple[str, str]]) -> dict[str, Any]:  # fmt: skip
+    """Each system's first operating point at the target recall (and its most accurate setting);
+    the headline: colgrid fp16's QPS over the best fast-plaid index's at the target; and for each
+    (colgrid system, fast-plaid system) pair stored in equal bytes, their QPS at the target and
+    at the highest recall the fast-plaid index reaches (the fastest setting of each that gets
+    there)."""
+    fps = [p for name, p in points.items() if name.startswith("fast-plaid") and p]
+    best_fp = max(fps, key=lambda r: r["qps"]) if fps else None
+    accurate = {name: most_accurate(rs, k) for name, rs in systems.items() if rs}
+    equal = []
+    for cg, fp in pairs:
+        if not systems.get(cg) or not systems.get(fp):
+            continue
+        reach = accurate[fp][f"recall_at_{k}"]
+        matched = {"colgrid": best_at(systems[cg], k, reach), "fast_plaid": best_at(systems[fp], k, reach)}
+        equal.append({"colgrid_system": cg, "fast_plaid_system": fp,
+                      "at_target": {"colgrid": points.get(cg), "fast_plaid": points.get(fp),
+                                    "qps_ratio": ratio(points.get(cg), points.get(fp))},
+                      "most_accurate": {"colgrid": accurate[cg], "fast_plaid": accurate[fp]},
+                      "at_fast_plaid_best_recall": {"recall": reach, **matched,
+                                                    "qps_ratio": ratio(matched["colgrid"], matched["fast_plaid"])}})  # fmt: skip
+    return {"target_recall": TARGET_RECALL, "points": points, "most_accurate": accurate, "best_fast_plaid": best_fp,
+            "headline_colgrid_system": colgrid_system(f"colgrid-{HEADLINE_CODEC}"),
+            "qps_ratio_colgrid_over_fastplaid": ratio(points.get(colgrid_system(f"colgrid-{HEADLINE_CODEC}")), best_fp),
+            "equal_bytes": equal}  # fmt: skip
 
 
 # --- output ----------------------------------------------------------------------------------
@@ -276,23 +338,26 @@ def markdown(rows: list[dict[str, Any]], k: int) -> str:
     lines.append("|---|---|---|---|---|---|---|")
     for r in rows:
         if r["system"] == "colgrid":
-            index, knobs = "fp16", f"nprobe {r['nprobe']}, n_candidates {r['n_candidates']}"
+            index, knobs = r["index"].removeprefix("colgrid-"), f"nprobe {r['nprobe']}, n_candidates {r['n_candidates']}"
         elif r["system"] == "fast-plaid":
             index, knobs = r["index"], f"n_ivf_probe {r['n_ivf_probe']}, n_full_scores {r['n_full_scores']}"
         else:
-            index, knobs = "fp16", "every document"
+            index, knobs = r["index"].removeprefix("colgrid-"), "every document"
         lines.append(f"| {r['system']} | {index} | {knobs} | {r[rk]:.3f} | {r['qps']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |")
     return "\n".join(lines)
 
 
 def print_report(report: dict[str, Any], k: int) -> None:
     rk = f"recall_at_{k}"
-    print(f"\nP1 — {report['corpus']['documents']:,} documents, {report['index']['colgrid']['tokens']:,} tokens, "
+    tokens = next(iter(report["index"]["colgrid"].values()))["tokens"]
+    print(f"\nP1 — {report['corpus']['documents']:,} documents, {tokens:,} tokens, "
           f"{report['queries']} queries, {report['search_threads']} thread(s) per search")
-    builds = {"colgrid": report["index"]["colgrid"], **{f"fast-plaid {n}": b for n, b in report["index"]["fast-plaid"].items()}}
+    builds = {**{colgrid_system(n): b for n, b in report["index"]["colgrid"].items()},
+              **{f"fast-plaid {n}": b for n, b in report["index"]["fast-plaid"].items()}}  # fmt: skip
     for name, b in builds.items():
         cpu = f", CPU {b['build_cpu_s']:.0f} s" if b.get("build_cpu_s") is not None else ""
-        print(f"{name} build: {b['build_s']:.0f} s wall{cpu}, {b['bytes_on_disk'] / 2**20:.0f} MiB on disk, peak RSS {b['peak_rss_mb']:.0f} MB")
+        print(f"{name} build: {b['build_s']:.0f} s wall{cpu}, {b['bytes_on_disk'] / 2**20:.0f} MiB on disk "
+              f"({b['bytes_on_disk'] / b['tokens']:.1f} B/token), peak RSS {b['peak_rss_mb']:.0f} MB")
     print()
     print(markdown(report["sweep"], k))
     if "machine_threads_sweep" in report:
@@ -301,14 +366,25 @@ def print_report(report: dict[str, Any], k: int) -> None:
     print("\nfrontier (Pareto):")
     for system, rows in report["frontier"].items():
         print(f"  {system}: " + ", ".join(f"{r[rk]:.3f}@{r['qps']:.1f}" for r in rows))
+
+    def point(row: dict[str, Any] | None) -> str:
+        return f"{label(row)}: recall {row[rk]:.3f}, {row['qps']:.1f} QPS" if row else "never reached"
+
     for threads, cmp in report["at_target"].items():
         print(f"\nrecall@{k} >= {TARGET_RECALL}, {threads} thread(s):")
         for system, row in cmp["points"].items():
             best = cmp["most_accurate"][system]
-            print(f"  {system:<28} " + (f"{label(row)}: recall {row[rk]:.3f}, {row['qps']:.1f} QPS" if row else
-                                         f"never reached (most accurate: {label(best)}: recall {best[rk]:.3f}, {best['qps']:.1f} QPS)"))
+            print(f"  {system:<28} " + (point(row) if row else f"never reached (most accurate: {point(best)})"))
         if cmp.get("qps_ratio_colgrid_over_fastplaid") is not None:
-            print(f"  QPS ratio colgrid / fast-plaid: {cmp['qps_ratio_colgrid_over_fastplaid']:.2f}")
+            print(f"  QPS ratio {cmp['headline_colgrid_system']} / best fast-plaid: {cmp['qps_ratio_colgrid_over_fastplaid']:.2f}")
+        for eq in cmp["equal_bytes"]:
+            cg, fp = eq["colgrid_system"], eq["fast_plaid_system"]
+            print(f"  equal bytes, {cg} vs {fp}:")
+            at = eq["at_target"]
+            print(f"    at recall >= {TARGET_RECALL}: QPS ratio " + (f"{at['qps_ratio']:.2f}" if at["qps_ratio"] is not None else "n/a"))
+            m = eq["at_fast_plaid_best_recall"]
+            print(f"    at recall >= {m['recall']:.3f} ({fp}'s best): {point(m['colgrid'])} / {point(m['fast_plaid'])}"
+                  + (f": QPS ratio {m['qps_ratio']:.2f}" if m["qps_ratio"] is not None else ""))
 
 
 # --- main ------------------------------------------------------------------------------------
@@ -317,6 +393,14 @@ def print_report(report: dict[str, Any], k: int) -> None:
 def pairs_list(text: str) -> list[tuple[int, int]]:
     """"8x4096,16x1024" -> [(8, 4096), (16, 1024)]."""
     return [(int(a), int(b)) for a, b in (item.split("x") for item in text.split(",") if item.strip())]
+
+
+def codec_list(text: str) -> list[str]:
+    codecs = list(dict.fromkeys(c.strip() for c in text.split(",") if c.strip()))
+    unknown = [c for c in codecs if c not in CODECS]
+    if not codecs or unknown:
+        raise argparse.ArgumentTypeError(f"colgrid codecs are among {', '.join(CODECS)}; got {text!r}")
+    return codecs
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -331,6 +415,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--fast-plaid-version", default="1.7.0.2110")
     p.add_argument("--torch-version", default="2.11.0", help="the torch that fast-plaid release is built against")
     p.add_argument("--k", type=int, default=10)
+    p.add_argument("--colgrid-codecs", type=codec_list, default=["fp16"],
+                   help="colgrid versions to build (colgrid-<codec>) and sweep, comma-separated; each is its own curve")
     p.add_argument("--nprobe", type=bs.int_list, default=[1, 2, 4, 8, 16, 32], help="colgrid, comma-separated")
     p.add_argument("--n-candidates", type=bs.int_list, default=[64, 128, 256, 1024, 4096], help="colgrid, comma-separated")
     p.add_argument("--n-ivf-probe", type=bs.int_list, default=[1, 4, 16], help="fast-plaid, comma-separated")
@@ -381,79 +467,84 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     report["source_version"] = {"path": str(source_dir), "bytes_on_disk_with_texts": bs.bytes_on_disk(source_dir), **source_build}
     del source, docs
 
-    # Both systems index the exported arrays, each in its own process, one after the other.
-    colgrid_dir, colgrid_build = ensure_colgrid_index(vectors, root, args.build_threads, args.rebuild)
-    colgrid_build["bytes_on_disk"] = bs.bytes_on_disk(colgrid_dir)
+    # Every index is built from the exported arrays, each in its own process, one after the other.
+    cg_builds: dict[str, dict[str, Any]] = {}
+    cg_dirs: dict[str, Path] = {}
+    for codec in args.colgrid_codecs:
+        cg_dir, record = ensure_colgrid_index(vectors, root, codec, args.build_threads, args.rebuild)
+        record["bytes_on_disk"] = bs.bytes_on_disk(cg_dir)
+        record["bytes_per_token"] = record["bytes_on_disk"] / record["tokens"]
+        cg_builds[cg_dir.name], cg_dirs[cg_dir.name] = record, cg_dir
     fp_builds, fp_indexes = {}, []
     for nbits in args.nbits:
         index, record = ensure_fastplaid_index(py, vectors, root, nbits, args.fp_points_per_centroid, args.build_threads, args.rebuild)
+        record["bytes_per_token"] = record["bytes_on_disk"] / record["tokens"]
         fp_builds[index.name] = record
         fp_indexes.append(index)
-    report["index"] = {"colgrid": colgrid_build, "fast-plaid": fp_builds}
+    report["index"] = {"colgrid": cg_builds, "fast-plaid": fp_builds}
     if args.build_only:
         return report
-    started = time.perf_counter()
-    version = open_version(colgrid_dir, verify=True, device="cpu")
-    colgrid_build["load_s"] = time.perf_counter() - started
-    searcher = Searcher(version, threads=args.threads)
+    loaded: dict[str, LoadedVersion] = {}
+    for name, cg_dir in cg_dirs.items():
+        started = time.perf_counter()
+        loaded[name] = open_version(cg_dir, verify=True, device="cpu")
+        cg_builds[name]["load_s"] = time.perf_counter() - started
+        cg_builds[name]["loaded_codec"] = loaded[name].codec
+    bs.log(f"loaded {', '.join(loaded)}")
+    searchers = {name: Searcher(v, threads=args.threads) for name, v in loaded.items()}
+    doc_ids = next(iter(loaded.values())).doc_ids
+    if any(v.doc_ids != doc_ids for v in loaded.values()):
+        sys.exit("colgrid versions disagree on document order")
 
     n = min(args.limit_queries, len(encoded))
     encoded, top = encoded[:n], truth["top"][:n]
     report["queries"] = n
     report["query_tokens_mean"] = float(np.mean([q.vectors.shape[0] for q in encoded]))
     report["search_threads"] = args.threads
-    colgrid = [(p, c) for p in args.nprobe for c in args.n_candidates if c >= k]
+    colgrid = [(name, p, c) for name in cg_dirs for p in args.nprobe for c in args.n_candidates if c >= k]
     pairs = list(dict.fromkeys([(p, f) for p in args.n_ivf_probe for f in args.n_full_scores if f >= k] + args.fp_extra))
     fastplaid = [(ix.name, p, f) for ix in fp_indexes for p, f in pairs]
+    # Exhaustive search once, on the fp16 version when there is one (it equals the ground truth's
+    # vectors), else on the first.
+    exhaustive = None if args.no_exhaustive else (f"colgrid-{HEADLINE_CODEC}" if f"colgrid-{HEADLINE_CODEC}" in cg_dirs else next(iter(cg_dirs)))
+    equal_pairs = [(colgrid_system(f"colgrid-{codec}"), f"fast-plaid {name}") for codec in args.colgrid_codecs
+                   for name, b in fp_builds.items() if EQUAL_BYTES_NBITS.get(codec) == b["nbits"]]  # fmt: skip
 
-    bs.log(f"sweep: {len(colgrid)} colgrid + {len(fastplaid)} fast-plaid settings + exhaustive, {n} queries, {args.threads} thread(s)")
+    bs.log(f"sweep: {len(colgrid)} colgrid + {len(fastplaid)} fast-plaid settings" + (" + exhaustive" if exhaustive else "")
+           + f", {n} queries, {args.threads} thread(s)")
     worker = Worker(py, vectors, fp_indexes, args.threads)
     report["fast_plaid_env"].update(worker.ready)
-    rows = sweep(searcher, worker, encoded, top, version.doc_ids, k, colgrid, fastplaid, not args.no_exhaustive, args.warmup)
+    rows = sweep(searchers, worker, encoded, top, doc_ids, k, colgrid, fastplaid, exhaustive, args.warmup)
     worker.close()
     report["sweep"] = rows
-    systems = {"colgrid": [r for r in rows if r["system"] == "colgrid"]}
-    for ix in fp_indexes:
-        systems[f"fast-plaid {ix.name}"] = [r for r in rows if r.get("index") == ix.name]
-    systems["exhaustive"] = [r for r in rows if r["system"] == "exhaustive"]
-    report["frontier"] = {name: frontier(rs, k) for name, rs in systems.items() if rs}
-    points = {name: best_at(rs, k, TARGET_RECALL) for name, rs in systems.items() if rs}
-    report["at_target"] = {str(args.threads): comparison(points, systems, k)}
+    systems: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        systems.setdefault(system_of(r), []).append(r)
+    report["frontier"] = {name: frontier(rs, k) for name, rs in systems.items()}
+    points = {name: best_at(rs, k, TARGET_RECALL) for name, rs in systems.items()}
+    report["at_target"] = {str(args.threads): comparison(points, systems, k, equal_pairs)}
 
     if args.machine_threads and args.machine_threads != args.threads:
         # Each system's operating point again with every core (its most accurate setting when it
         # never reaches the target): fewer settings, the same interleaving.
-        chosen = {name: points[name] or max(rs, key=lambda r: (r[f"recall_at_{k}"], r["qps"]))
-                  for name, rs in systems.items() if rs and name != "exhaustive"}  # fmt: skip
-        cg = [(r["nprobe"], r["n_candidates"]) for r in chosen.values() if r["system"] == "colgrid"]
+        chosen = {name: points[name] or most_accurate(rs, k) for name, rs in systems.items() if name != "exhaustive"}
+        cg = [(r["index"], r["nprobe"], r["n_candidates"]) for r in chosen.values() if r["system"] == "colgrid"]
         fp = [(r["index"], r["n_ivf_probe"], r["n_full_scores"]) for r in chosen.values() if r["system"] == "fast-plaid"]
         bs.log(f"operating points at {args.machine_threads} threads")
-        searcher_mt = Searcher(version, threads=args.machine_threads)
+        searchers_mt = {name: Searcher(v, threads=args.machine_threads) for name, v in loaded.items()}
         worker = Worker(py, vectors, fp_indexes, args.machine_threads)
-        mt_rows = sweep(searcher_mt, worker, encoded, top, version.doc_ids, k, cg, fp, False, args.warmup)
+        mt_rows = sweep(searchers_mt, worker, encoded, top, doc_ids, k, cg, fp, None, args.warmup)
         worker.close()
         report["machine_threads_sweep"] = mt_rows
         mt_systems = {name: [r for r in mt_rows if label(r) == label(p)] for name, p in chosen.items()}
         mt_points = {name: best_at(rs, k, TARGET_RECALL) for name, rs in mt_systems.items()}
-        report["at_target"][str(args.machine_threads)] = comparison(mt_points, mt_systems, k)
+        report["at_target"][str(args.machine_threads)] = comparison(mt_points, mt_systems, k, equal_pairs)
 
     report["load_average_at_end"] = list(os.getloadavg())
     bs.atomic_write(args.out, json.dumps(report, indent=2) + "\n")
     print_report(report, k)
     print(f"\nwrote {args.out}")
     return report
-
-
-def comparison(points: dict[str, dict[str, Any] | None], systems: dict[str, list[dict[str, Any]]], k: int) -> dict[str, Any]:
-    """Each system's first operating point at the target recall (and its most accurate setting),
-    and colgrid's QPS over the best fast-plaid index's at the target."""
-    cg = points.get("colgrid")
-    fps = [p for name, p in points.items() if name.startswith("fast-plaid") and p]
-    best_fp = max(fps, key=lambda r: r["qps"]) if fps else None
-    ratio = cg["qps"] / best_fp["qps"] if cg and best_fp else None
-    most_accurate = {name: max(rs, key=lambda r: (r[f"recall_at_{k}"], r["qps"])) for name, rs in systems.items() if rs}
-    return {"target_recall": TARGET_RECALL, "points": points, "most_accurate": most_accurate, "best_fast_plaid": best_fp,
-            "qps_ratio_colgrid_over_fastplaid": ratio}  # fmt: skip
 
 
 if __name__ == "__main__":
