@@ -61,7 +61,7 @@ def test_cuda_explanations_equal_the_cpu_ones() -> None:
     assert torch.allclose(cpu.similarity, gpu.similarity.cpu(), atol=1e-5)
 
 
-@pytest.mark.parametrize("codec", ["fp16", "int8", "residual4"])
+@pytest.mark.parametrize("codec", ["fp16", "int8", "residual4", "entropy4"])
 def test_a_version_loaded_on_cuda_answers_like_the_cpu_one(tmp_path: Path, codec: str) -> None:
     tokens, offsets = _corpus(4, n_docs=1500)
     build_version_from_arrays(tmp_path / "v1", tokens=tokens, doc_offsets=offsets,
@@ -100,3 +100,33 @@ def test_open_version_picks_cuda_by_default_when_present(tmp_path: Path) -> None
     build_version_from_arrays(tmp_path / "v1", tokens=tokens, doc_offsets=offsets,
                               doc_ids=[f"d{i}" for i in range(50)], normalized=True, build_params={"n_centroids": 32})
     assert open_version(tmp_path / "v1").device.type == "cuda"
+
+
+def test_cuda_searches_use_the_padded_layout_batched_and_answer_like_the_segment_kernel(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    tokens, offsets = _corpus(6, n_docs=1200)
+    build_version_from_arrays(tmp_path / "v1", tokens=tokens, doc_offsets=offsets,
+                              doc_ids=[f"d{i}" for i in range(offsets.shape[0] - 1)], normalized=True,
+                              build_params={"n_centroids": 256})  # fmt: skip
+    gpu = open_version(tmp_path / "v1", device="cuda")
+    default, plain = Searcher(gpu), Searcher(gpu, padded=False, batch_queries=False)
+    assert default.padded is not None and default.batcher is not None
+    rng = np.random.default_rng(8)
+    queries = []
+    for _ in range(32):
+        doc = int(rng.integers(0, offsets.shape[0] - 1))
+        n = int(min(24, offsets[doc + 1] - offsets[doc]))
+        queries.append(_unit(tokens[offsets[doc]:offsets[doc] + n] + 0.05 * rng.normal(size=(n, DIM))))
+    params = SearchParams(k=10, nprobe=4, n_candidates=256)
+
+    def run(i: int):
+        q = queries[i]
+        return (default.exhaustive if i % 4 == 0 else default.search)(q, [f"q{j}" for j in range(q.shape[0])], params)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        got = list(pool.map(run, range(len(queries))))
+    for i, (q, a) in enumerate(zip(queries, got)):
+        b = (plain.exhaustive if i % 4 == 0 else plain.search)(q, [f"q{j}" for j in range(q.shape[0])], params)
+        assert [h.doc_id for h in a.hits] == [h.doc_id for h in b.hits]
+        assert np.allclose([h.score for h in a.hits], [h.score for h in b.hits], atol=1e-4)
