@@ -33,7 +33,8 @@ class CodecWriter:
             self._scales = self._appender(F.TOKEN_SCALES, (0,), "float32", (pow2_rows(CHUNK_BYTES // 4),))
         elif codec.is_residual:
             width = packed_width(dim, codec.nbits)
-            self._packed = self._appender(F.RESIDUALS, (0, width), "uint8", (pow2_rows(CHUNK_BYTES // width), width))
+            # zstd stores the packed codes raw; only the last chunk's zero padding shrinks.
+            self._packed = self._appender(F.RESIDUALS, (0, width), "uint8", (pow2_rows(CHUNK_BYTES // width), width), compress=True)
         elif codec.is_entropy:
             # Zarr's default zstd: the coded bytes do not compress (zstd stores them raw at
             # memcpy speed), but the zero padding of each array's last chunk then takes no space.
