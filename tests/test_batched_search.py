@@ -182,3 +182,20 @@ def test_a_full_batch_runs_without_waiting_out_the_delay():
 def test_a_negative_delay_is_refused():
     with pytest.raises(ValueError, match="max_delay"):
         Batcher(lambda items: items, max_batch=2, max_delay=-1.0)
+
+
+def test_a_leader_with_nothing_on_its_way_runs_at_once():
+    batcher: Batcher[int, int] = Batcher(lambda items: list(items), max_batch=8, max_delay=30.0, expect_more=lambda pending: False)
+    started = time.monotonic()
+    assert batcher.submit(3) == 3
+    assert time.monotonic() - started < 5.0
+
+
+def test_a_lone_batched_search_does_not_wait_out_the_delay(version, corpus):
+    searcher = Searcher(version, batch_queries=True, batch_delay=30.0)
+    q = corpus.vectors(5)
+    started = time.monotonic()
+    assert len(searcher.search(q, _tokens(q), SearchParams()).hits) == 10
+    assert len(searcher.exhaustive(q, _tokens(q), SearchParams()).hits) == 10
+    assert time.monotonic() - started < 10.0
+    assert searcher._in_flight == 0

@@ -5,8 +5,9 @@ The first caller to arrive leads: it runs every item waiting at that moment as o
 Callers arriving while a run is under way queue up; when it ends, the oldest of them leads the
 next run with all of them. At low load each item runs alone at once; under load the runs see
 batches. max_delay (Triton's max queue delay) lets a leader wait a little for a fuller batch:
-worth it where one run of N items costs far less than N runs (a GPU kernel launch), never on
-an idle CPU.
+worth it where one run of N items costs far less than N runs (a GPU kernel launch). With
+expect_more, the leader waits only while more items are on their way (e.g. searches still
+generating candidates), so an idle server adds no latency.
 """
 from __future__ import annotations
 
@@ -35,8 +36,15 @@ class Batcher(Generic[ItemT, ResultT]):
     batch that raises is retried item by item, so a bad item fails alone."""
 
     def __init__(
-        self, run_batch: Callable[[list[ItemT]], Sequence[ResultT]], *, max_batch: int, max_delay: float = 0.0
+        self,
+        run_batch: Callable[[list[ItemT]], Sequence[ResultT]],
+        *,
+        max_batch: int,
+        max_delay: float = 0.0,
+        expect_more: Callable[[int], bool] | None = None,
     ) -> None:
+        """expect_more(pending) -> whether items beyond the pending ones will arrive soon (the
+        leader's delay is spent only then); None: always wait out max_delay for a full batch."""
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         if max_delay < 0:
@@ -44,6 +52,7 @@ class Batcher(Generic[ItemT, ResultT]):
         self._run_batch = run_batch
         self._max_batch = max_batch
         self._max_delay = max_delay
+        self._expect_more = expect_more
         self._lock = threading.Lock()
         self._arrived = threading.Condition(self._lock)
         self._pending: list[_Request] = []
@@ -70,7 +79,11 @@ class Batcher(Generic[ItemT, ResultT]):
         with self._lock:
             if self._max_delay > 0:
                 deadline = time.monotonic() + self._max_delay
-                while len(self._pending) < self._max_batch and (left := deadline - time.monotonic()) > 0:
+                while (
+                    len(self._pending) < self._max_batch
+                    and (self._expect_more is None or self._expect_more(len(self._pending)))
+                    and (left := deadline - time.monotonic()) > 0
+                ):
                     self._arrived.wait(left)
             batch = self._pending[: self._max_batch]
             del self._pending[: self._max_batch]

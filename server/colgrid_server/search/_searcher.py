@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -89,15 +90,24 @@ class Searcher:
                     torch.cuda.empty_cache()
         self._maxima = self.padded.maxima if self.padded is not None else segment_maxima(store, version.doc_offsets, block_tokens)
         self.batcher: Batcher[ExactRequest, TopK] | None = None
+        self._in_flight = 0  # searches between their start and their exact stage's result
+        self._in_flight_lock = threading.Lock()
         if on_gpu if batch_queries is None else batch_queries:
-            self.batcher = Batcher(self._top_k_batch, max_batch=MAX_QUERY_BATCH, max_delay=batch_delay)
+            # A leader waits for companions only while other searches are still on their way.
+            self.batcher = Batcher(self._top_k_batch, max_batch=MAX_QUERY_BATCH, max_delay=batch_delay,
+                                   expect_more=lambda pending: self._in_flight > pending)  # fmt: skip
 
     def search(self, query_vectors: np.ndarray, query_tokens: Sequence[str], params: SearchParams) -> SearchResult:
         """Approximate candidates (nprobe, n_candidates), exact MaxSim on them."""
         query = self._check_query(query_vectors, query_tokens)
         with _intra_op_threads(self.threads):
             started = time.perf_counter()
-            candidates = self._candidates(query, params.nprobe, params.n_candidates)
+            self._enter()
+            try:
+                candidates = self._candidates(query, params.nprobe, params.n_candidates)
+            except BaseException:
+                self._leave()
+                raise
             return self._finish(query, query_tokens, params, candidates, started)
 
     def exhaustive(self, query_vectors: np.ndarray, query_tokens: Sequence[str], params: SearchParams) -> SearchResult:
@@ -105,6 +115,7 @@ class Searcher:
         query = self._check_query(query_vectors, query_tokens)
         with _intra_op_threads(self.threads):
             started = time.perf_counter()
+            self._enter()
             return self._finish(query, query_tokens, params, np.arange(self.version.documents), started)
 
     def _finish(
@@ -136,8 +147,24 @@ class Searcher:
 
     def _top_k(self, query: torch.Tensor, docs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         request = ExactRequest(query=query, docs=docs, k=k)
-        top = self.batcher.submit(request) if self.batcher is not None else self._top_k_batch([request])[0]
+        if self.batcher is None:
+            top = self._top_k_batch([request])[0]
+        else:
+            try:
+                top = self.batcher.submit(request)
+            finally:
+                self._leave()  # entered in search / exhaustive
         return top.docs, top.scores
+
+    def _enter(self) -> None:
+        if self.batcher is not None:
+            with self._in_flight_lock:
+                self._in_flight += 1
+
+    def _leave(self) -> None:
+        if self.batcher is not None:
+            with self._in_flight_lock:
+                self._in_flight -= 1
 
     def _top_k_batch(self, requests: list[ExactRequest]) -> list[TopK]:
         v = self.version
