@@ -49,6 +49,7 @@ ROOT = HERE.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.bench_search import atomic_write, code_version  # noqa: E402
 from colgrid_server.index import load_vector_files  # noqa: E402
 from scripts._server import COLGRID, READY_LINE, colgrid_env, kill_now  # noqa: E402
 
@@ -529,22 +530,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def code_version() -> dict[str, Any]:
-    def git(*argv: str) -> str:
-        return subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
-
-    return {"commit": git("rev-parse", "HEAD"), "server_code_modified": bool(git("status", "--porcelain", "--", "server"))}
 
 
 def machine() -> dict[str, Any]:
