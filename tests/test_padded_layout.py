@@ -96,3 +96,12 @@ def test_a_searcher_on_the_padded_layout_answers_as_the_segment_kernel(version):
             want = getattr(plain, run)(q, tokens, SearchParams(k=10, explain=True))
             assert [h.doc_id for h in got.hits] == [h.doc_id for h in want.hits]
             np.testing.assert_allclose([h.score for h in got.hits], [h.score for h in want.hits], rtol=1e-5)
+
+
+def test_closing_a_searcher_frees_its_padded_copy(version):
+    loaded, _ = version
+    searcher = Searcher(loaded, padded=True)
+    assert searcher.padded is not None and searcher.padded.nbytes > 0
+    searcher.close()
+    assert searcher.padded.nbytes == 0
+    Searcher(loaded).close()  # nothing to free without a padded copy

@@ -55,6 +55,10 @@ class PaddedDocuments:
             self.buckets.append(bucket)
         self._out_dtype_mm = _supports_out_dtype(self.device, tokens.dtype)
 
+    def close(self) -> None:
+        """Free the buckets (device memory); maxima() must not be called afterwards."""
+        self.buckets = []
+
     @property
     def nbytes(self) -> int:
         return sum(b.element_size() * b.nelement() for b in self.buckets)

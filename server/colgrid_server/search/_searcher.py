@@ -97,6 +97,12 @@ class Searcher:
             self.batcher = Batcher(self._top_k_batch, max_batch=MAX_QUERY_BATCH, max_delay=batch_delay,
                                    expect_more=lambda pending: self._in_flight > pending)  # fmt: skip
 
+    def close(self) -> None:
+        """Drop what the searcher holds beside the version (the padded copy of its tokens);
+        the owner calls it with the version's close, once no search runs."""
+        if self.padded is not None:
+            self.padded.close()
+
     def search(self, query_vectors: np.ndarray, query_tokens: Sequence[str], params: SearchParams) -> SearchResult:
         """Approximate candidates (nprobe, n_candidates), exact MaxSim on them."""
         query = self._check_query(query_vectors, query_tokens)

@@ -114,6 +114,7 @@ class ServedVersion:
         with self._lock:
             if self.loaded.closed or self._leases:
                 return
+            self.searcher.close()
             self.loaded.close()
 
     @property
