@@ -69,6 +69,15 @@ def _zigzag_quotients(residuals: np.ndarray, model: EntropyModel) -> np.ndarray:
     return np.where(s >= 0, 2 * s, -2 * s - 1) >> model.rice_k.astype(np.int64)
 
 
+@pytest.mark.parametrize("k", [17, 18, 25])
+def test_wide_rice_parameters_round_trip(k):
+    # Past 17 bits a remainder no longer fits a 3-byte window at every bit offset.
+    model = _model(6, step=1e-6, k=k)
+    residuals = np.random.default_rng(k).normal(0, 2.0, (300, 6)).astype(np.float32)
+    data, unary = encode_block(residuals, model)
+    np.testing.assert_array_equal(decode_block(data, unary, 300, model), model.residuals(model.symbols(residuals)))
+
+
 def test_all_zero_residuals_cost_one_bit_per_value_with_k_zero():
     model = _model(8, k=0)
     data, unary = encode_block(np.zeros((64, 8), np.float32), model)
