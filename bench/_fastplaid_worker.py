@@ -31,6 +31,14 @@ import torch
 
 
 def peak_rss_mb() -> float:
+    """This process's own peak RSS: VmHWM, which starts afresh at exec. ru_maxrss does not: a
+    child started by fork + exec reports at least its parent's peak at the fork."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
