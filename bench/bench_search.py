@@ -346,6 +346,14 @@ def median_seconds(fns: Sequence[Any], repeats: int) -> list[float]:
 
 
 def peak_rss_mb() -> float:
+    """This process's own peak RSS (VmHWM). Not ru_maxrss: in a child started by spawn or
+    subprocess it begins at the parent's peak, which inflated the builds measured in children."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
