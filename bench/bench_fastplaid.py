@@ -100,18 +100,6 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def own_peak_rss_mb() -> float:
-    """This process's own peak RSS: VmHWM, which starts afresh at exec. ru_maxrss (bs.peak_rss_mb)
-    does not: a spawned child reports at least its parent's peak at the fork."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return bs.peak_rss_mb()
-
-
 def colgrid_build_child(vectors: str, final_dir: str, codec: str, threads: int, record_path: str) -> None:
     torch.set_num_threads(threads)
     source = json.loads((Path(vectors) / "source.json").read_text())
@@ -124,7 +112,7 @@ def colgrid_build_child(vectors: str, final_dir: str, codec: str, threads: int, 
                                         normalized=bool(source.get("normalized", True)), build_params={"codec": codec})  # fmt: skip
     record = {"documents": summary.documents, "tokens": summary.tokens, "centroids": summary.centroids,
               "build_s": time.perf_counter() - started, "build_cpu_s": cpu_seconds() - cpu_started, "threads": threads,
-              "peak_rss_mb": own_peak_rss_mb(), "peak_rss_source": "VmHWM", "load_average_at_start": load_before, "load_average_at_end": list(os.getloadavg()),
+              "peak_rss_mb": bs.peak_rss_mb(), "peak_rss_source": "VmHWM", "load_average_at_start": load_before, "load_average_at_end": list(os.getloadavg()),
               "codec": codec,
               "knobs": f"build_version_from_arrays defaults, build_params codec={codec}", "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # fmt: skip
     Path(record_path).write_text(json.dumps(record, indent=2))
