@@ -32,7 +32,9 @@ import torch
 
 def peak_rss_mb() -> float:
     """This process's own peak RSS: VmHWM, which starts afresh at exec. ru_maxrss does not: a
-    child started by fork + exec reports at least its parent's peak at the fork."""
+    child started by fork + exec reports at least its parent's peak at the fork. (The same as
+    bench_search.peak_rss_mb, repeated: this worker runs in fast-plaid's venv, which has no
+    colgrid_server for bench_search to import.)"""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
