@@ -1,0 +1,156 @@
+"""Exact MaxSim on a GPU as one fused Triton kernel: each candidate's tokens are read once.
+
+The padded layout (`_padded.py`) gathers candidate slabs into a scratch tensor, multiplies it by
+the query and writes a (tokens x Q) float32 similarity tensor that an amax then reads back: about
+four bytes moved per byte of candidate tokens, so at most ~25% of the memory bandwidth. Here
+one program per (candidate, block of query tokens) streams the candidate's float16 rows straight
+from the resident token matrix, multiplies each tile by the query on the tensor cores (float32
+accumulation) and keeps the running maximum per query token in registers: the only traffic is
+the candidates' bytes, read once, and a (candidates x Q) float32 result. No padded copy either.
+
+The query is split into two float16 parts (hi + lo, see `_padded._split_query`): each product
+of float16 values is exact in float32, so the scores keep float32 accuracy (the float64
+reference's top-10, tests/test_fused_maxsim.py) rather than the 2^-11 of a float16 query.
+
+On CPU the same kernel source runs in Triton's interpreter (numpy): that is how the CPU test
+suite checks this code path; serving on CPU uses the screened passes of `_maxsim.py` instead.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    # No GPU: Triton's only backend here is its interpreter, chosen when triton.language is
+    # imported (its own helpers, tl.max and tl.zeros, are jit functions too).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+try:  # Triton ships with torch on Linux; without it the padded layout serves.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the platform
+    triton = None
+
+
+def available(device: torch.device) -> bool:
+    """Whether the kernel runs on device: compiled on a GPU, interpreted (slowly: tests) on CPU."""
+    return triton is not None and (device.type == "cpu") == _interpreted()
+
+
+def _interpreted() -> bool:
+    return bool(triton.knobs.runtime.interpret)
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """One kernel configuration (bench/bench_gpu.py sweeps these; the default is its best)."""
+
+    block_tokens: int = 64  # token rows per tile
+    warps: int = 4
+    stages: int = 3  # software pipelining depth of the tile loads
+
+
+DEFAULT_CONFIG = LaunchConfig()
+
+
+def _maxsim_source(
+    tokens_ptr, starts_ptr, lengths_ptr, q_hi_ptr, q_lo_ptr, out_ptr,
+    n_q, dim, q_blocks,
+    BLOCK_T: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, D_BLOCKS: tl.constexpr,
+):  # fmt: skip
+    # Programs of one candidate are adjacent in launch order, so its rows, when Q spans several
+    # blocks (batched searches), come from L2 after the first block's read.
+    pid = tl.program_id(0)
+    doc = pid // q_blocks
+    q_block = pid % q_blocks
+    start = tl.load(starts_ptr + doc)
+    length = tl.load(lengths_ptr + doc)
+    qs = q_block * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    best = tl.full((BLOCK_Q,), float("-inf"), tl.float32)
+    for t0 in range(0, length, BLOCK_T):
+        ts = t0 + tl.arange(0, BLOCK_T)
+        inside = ts < length
+        rows = (start + ts).to(tl.int64)
+        sims = tl.zeros((BLOCK_T, BLOCK_Q), dtype=tl.float32)
+        for d_block in tl.static_range(D_BLOCKS):
+            ds = d_block * BLOCK_D + tl.arange(0, BLOCK_D)
+            d_in = ds < dim
+            x = tl.load(tokens_ptr + rows[:, None] * dim + ds[None, :], mask=inside[:, None] & d_in[None, :], other=0.0)
+            q_offsets = qs[None, :].to(tl.int64) * dim + ds[:, None]  # (BLOCK_D, BLOCK_Q): the query transposed
+            q_hi = tl.load(q_hi_ptr + q_offsets, mask=d_in[:, None], other=0.0)
+            q_lo = tl.load(q_lo_ptr + q_offsets, mask=d_in[:, None], other=0.0)
+            sims += tl.dot(x, q_hi)
+            sims += tl.dot(x, q_lo)
+        sims = tl.where(inside[:, None], sims, float("-inf"))
+        best = tl.maximum(best, tl.max(sims, axis=0))
+    tl.store(out_ptr + doc.to(tl.int64) * (q_blocks * BLOCK_Q) + qs, best)
+
+
+_KERNEL = triton.jit(_maxsim_source) if triton is not None else None
+
+
+class FusedMaxima:
+    """Per-document maxima of query-token similarities over float16 tokens resident on a device,
+    computed by the fused kernel (`maxima` has the `MaximaFn` shape of `_batched.py`)."""
+
+    def __init__(self, tokens: torch.Tensor, doc_offsets: np.ndarray, config: LaunchConfig = DEFAULT_CONFIG) -> None:
+        """tokens: (N_tok, dim) float16 or bfloat16, contiguous, on the device searches run on;
+        doc_offsets: CSR (N_doc + 1)."""
+        if not available(tokens.device):
+            raise RuntimeError(f"the fused MaxSim kernel does not run on {tokens.device} in this process"
+                               " (Triton missing, or imported for the other device)")
+        if tokens.dtype not in (torch.float16, torch.bfloat16) or tokens.ndim != 2:
+            raise ValueError(f"fused MaxSim reads 2-D float16/bfloat16 tokens, not {tokens.dtype} {tuple(tokens.shape)}")
+        offsets = np.asarray(doc_offsets, dtype=np.int64)
+        if offsets.shape[0] and offsets[-1] != tokens.shape[0]:
+            raise ValueError(f"doc_offsets end at {offsets[-1]}, the token matrix has {tokens.shape[0]} rows")
+        self.tokens = tokens.contiguous()
+        self.device, self.dim = tokens.device, tokens.shape[1]
+        self.config = config
+        self._starts = torch.from_numpy(offsets[:-1].copy()).to(self.device)
+        self._lengths = torch.from_numpy(np.diff(offsets)).to(self.device)
+        # The feature axis in power-of-two tiles of at most 128 (tl.dot wants >= 16 per side).
+        self._block_d = min(128, max(16, triton.next_power_of_2(self.dim)))
+        self._d_blocks = -(-self.dim // self._block_d)
+
+    def close(self) -> None:
+        """Nothing to free beside the version's own tokens (kept for the layouts' common shape)."""
+
+    @property
+    def nbytes(self) -> int:
+        return 0  # reads the version's tokens in place: no copy
+
+    def maxima(self, query: torch.Tensor, docs: np.ndarray) -> torch.Tensor:
+        """(len(docs), Q) float32: per document, the largest similarity of each query token to
+        any of its tokens (float32 accumulation of the stored float16 values)."""
+        if query.ndim != 2 or query.shape[1] != self.dim:
+            raise ValueError(f"query shape {tuple(query.shape)} does not match the documents' dim {self.dim}")
+        docs = np.asarray(docs, dtype=np.int64)
+        n_docs, n_q = docs.shape[0], query.shape[0]
+        block_q = 16 if n_q <= 16 else 32 if n_q <= 32 else 64
+        q_blocks = -(-n_q // block_q)
+        out = torch.empty((n_docs, q_blocks * block_q), dtype=torch.float32, device=self.device)
+        if n_docs == 0 or n_q == 0:
+            return out[:, :n_q]
+        q = torch.zeros((q_blocks * block_q, self.dim), dtype=torch.float32, device=self.device)
+        q[:n_q] = query.to(device=self.device, dtype=torch.float32)
+        q_hi = q.to(self.tokens.dtype)
+        q_lo = (q - q_hi.to(torch.float32)).to(self.tokens.dtype)
+        every = n_docs == self._starts.shape[0] and np.array_equal(docs, np.arange(n_docs))
+        if every:
+            starts, lengths = self._starts, self._lengths
+        else:
+            index = torch.from_numpy(docs).to(self.device)
+            starts, lengths = self._starts.index_select(0, index), self._lengths.index_select(0, index)
+        c = self.config
+        _KERNEL[(n_docs * q_blocks,)](
+            self.tokens, starts, lengths, q_hi, q_lo, out,
+            n_q, self.dim, q_blocks,
+            BLOCK_T=c.block_tokens, BLOCK_Q=block_q, BLOCK_D=self._block_d, D_BLOCKS=self._d_blocks,
+            num_warps=c.warps, num_stages=c.stages,
+        )  # fmt: skip
+        return out[:, :n_q]
