@@ -99,8 +99,20 @@ def _tokens(query: np.ndarray) -> list[str]:
 
 @pytest.mark.parametrize("padded", [False, True], ids=["segment-kernel", "padded-layout"])
 def test_concurrent_batched_searches_answer_as_each_search_alone(version, corpus, padded):
+    _check_concurrent_searches(version, corpus, Searcher(version, batch_queries=True, batch_delay=0.05, padded=padded))
+
+
+def test_concurrent_batched_searches_on_the_fused_kernel_answer_as_each_search_alone(corpus, tmp_path):
+    """The fused kernel (the CUDA default) in Triton's interpreter here; float16 versions only."""
+    write_synthetic_version(tmp_path / "v", corpus.documents(400, max_tokens=50), corpus.encoder)
+    version = open_version(tmp_path / "v")
+    batched = Searcher(version, batch_queries=True, batch_delay=0.05, fused=True)
+    assert batched.fused is not None and batched.padded is None
+    _check_concurrent_searches(version, corpus, batched)
+
+
+def _check_concurrent_searches(version, corpus: SyntheticCorpus, batched: Searcher) -> None:
     alone = Searcher(version, batch_queries=False, fast_pass=False)
-    batched = Searcher(version, batch_queries=True, batch_delay=0.05, padded=padded)
     queries = _queries(corpus, 24)
     params = [SearchParams(k=10), SearchParams(k=3, nprobe=8), SearchParams(k=20, explain=True)]
     barrier = threading.Barrier(8)

@@ -102,7 +102,8 @@ def test_open_version_picks_cuda_by_default_when_present(tmp_path: Path) -> None
     assert open_version(tmp_path / "v1").device.type == "cuda"
 
 
-def test_cuda_searches_use_the_padded_layout_batched_and_answer_like_the_segment_kernel(tmp_path: Path) -> None:
+@pytest.mark.parametrize("layout", ["fused", "padded"])
+def test_cuda_searches_batched_on_each_layout_answer_like_the_segment_kernel(tmp_path: Path, layout: str) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     tokens, offsets = _corpus(6, n_docs=1200)
@@ -110,8 +111,10 @@ def test_cuda_searches_use_the_padded_layout_batched_and_answer_like_the_segment
                               doc_ids=[f"d{i}" for i in range(offsets.shape[0] - 1)], normalized=True,
                               build_params={"n_centroids": 256})  # fmt: skip
     gpu = open_version(tmp_path / "v1", device="cuda")
-    default, plain = Searcher(gpu), Searcher(gpu, padded=False, batch_queries=False)
-    assert default.padded is not None and default.batcher is not None
+    default = Searcher(gpu) if layout == "fused" else Searcher(gpu, fused=False)
+    plain = Searcher(gpu, fused=False, padded=False, batch_queries=False)
+    assert default.batcher is not None
+    assert (default.fused is not None) if layout == "fused" else (default.padded is not None and default.fused is None)
     rng = np.random.default_rng(8)
     queries = []
     for _ in range(32):

@@ -17,12 +17,15 @@ suite checks this code path; serving on CPU uses the screened passes of `_maxsim
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+_log = logging.getLogger(__name__)
 
 if not torch.cuda.is_available() and "triton" not in sys.modules:
     # No GPU: Triton's only backend here is its interpreter, chosen when triton.language is
@@ -154,3 +157,30 @@ class FusedMaxima:
             num_warps=c.warps, num_stages=c.stages,
         )  # fmt: skip
         return out[:, :n_q]
+
+
+def fused_self_check(layout: FusedMaxima, documents: int = 8) -> bool:
+    """Compile the kernel for every query-block width and compare its maxima on the first
+    documents with torch's: False (and the reason logged) where it fails or disagrees, so a
+    searcher can fall back instead of serving a broken kernel's scores."""
+    n_docs = min(documents, layout._starts.shape[0])
+    if n_docs == 0:
+        return True
+    docs = np.arange(n_docs)
+    generator = torch.Generator().manual_seed(0)
+    try:
+        for n_q in (16, 32, 64):
+            query = torch.randn((n_q, layout.dim), generator=generator)
+            got = layout.maxima(query, docs).cpu()
+            for row, doc in enumerate(docs.tolist()):
+                start, length = int(layout._starts[doc]), int(layout._lengths[doc])
+                tokens = layout.tokens[start : start + length].to(torch.float32).cpu()
+                want = (tokens @ query.T).amax(dim=0)
+                if not torch.allclose(got[row], want, rtol=1e-4, atol=1e-3 * float(want.abs().max()) + 1e-6):
+                    _log.warning("fused MaxSim self-check: document %d differs from torch by %.3g", doc,
+                                 float((got[row] - want).abs().max()))
+                    return False
+    except Exception:  # noqa: BLE001 - a compiler or driver failure: report, do not serve through it
+        _log.exception("fused MaxSim self-check failed")
+        return False
+    return True

@@ -24,6 +24,8 @@ from colgrid_server.search._maxsim import (
     maxsim_scores,
     screened_exact_scores,
 )
+from colgrid_server.search._fused import FusedMaxima, fused_self_check
+from colgrid_server.search._fused import available as fused_available
 from colgrid_server.search._padded import PaddedDocuments
 from colgrid_server.search._params import SearchParams
 from colgrid_server.search._results import Hit, PatchRef, SearchResult, SearchStats, TokenMatch
@@ -63,13 +65,17 @@ class Searcher:
         batch_queries: bool | None = None,
         batch_delay: float = GPU_BATCH_DELAY,
         padded: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         """batch_queries (default: on a GPU): concurrent searches' exact stages run together,
         one pass over the union of their candidates (`batched_exact_top_k`), a leader waiting
         at most batch_delay seconds for companions. On CPU each search's own screened pass is
         faster, so it is off there by default.
-        padded (default: on a GPU, for float16-resident tokens): exact MaxSim reads a padded
-        copy of the tokens bucketed by document length (`PaddedDocuments`) instead of
+        fused (default: on a GPU with Triton, for float16/bfloat16-resident tokens): exact MaxSim
+        is one fused kernel reading each candidate's rows once (`FusedMaxima`); on CPU it runs
+        in Triton's interpreter (tests only).
+        padded (default: on a GPU where the fused kernel is not used): exact MaxSim reads a
+        padded copy of the tokens bucketed by document length (`PaddedDocuments`) instead of
         gathering rows."""
         self.version = version
         on_gpu = version.device.type == "cuda"
@@ -80,15 +86,29 @@ class Searcher:
         self.fast_pass = version.device.type == "cpu" if fast_pass is None else fast_pass
         self._candidates = CandidateGenerator(version, block_tokens=block_tokens)
         self.padded: PaddedDocuments | None = None
+        self.fused: FusedMaxima | None = None
         store = version.store
-        if (on_gpu if padded is None else padded) and isinstance(store, DenseTokens):
+        dense_half = isinstance(store, DenseTokens) and store.tokens.dtype in (torch.float16, torch.bfloat16)
+        if fused if fused is not None else (on_gpu and dense_half and fused_available(version.device)):
+            if not dense_half:
+                raise ValueError(f"version {version.name}: the fused kernel reads float16/bfloat16-resident tokens")
+            self.fused = FusedMaxima(store.tokens, version.doc_offsets)
+            if fused is None and not fused_self_check(self.fused):  # fall back rather than serve wrong scores
+                _log.warning("version %s: the fused MaxSim kernel failed its self-check; using the padded layout", version.name)
+                self.fused = None
+        if self.fused is None and (on_gpu if padded is None else padded) and isinstance(store, DenseTokens):
             try:
                 self.padded = PaddedDocuments(store.tokens, version.doc_offsets)
             except torch.OutOfMemoryError:  # a second copy does not fit the device: gather rows instead
                 _log.warning("version %s: no device memory for the padded layout; exact MaxSim gathers rows", version.name)
                 if on_gpu:
                     torch.cuda.empty_cache()
-        self._maxima = self.padded.maxima if self.padded is not None else segment_maxima(store, version.doc_offsets, block_tokens)
+        if self.fused is not None:
+            self._maxima = self.fused.maxima
+        elif self.padded is not None:
+            self._maxima = self.padded.maxima
+        else:
+            self._maxima = segment_maxima(store, version.doc_offsets, block_tokens)
         self.batcher: Batcher[ExactRequest, TopK] | None = None
         self._in_flight = 0  # searches between their start and their exact stage's result
         self._in_flight_lock = threading.Lock()
@@ -174,7 +194,7 @@ class Searcher:
 
     def _top_k_batch(self, requests: list[ExactRequest]) -> list[TopK]:
         v = self.version
-        if len(requests) == 1 and self.padded is None:  # alone: the search's own path (with its fast pass, if any)
+        if len(requests) == 1 and self.padded is None and self.fused is None:  # alone: the search's own path (with its fast pass, if any)
             r = requests[0]
             return [exact_top_k(r.query, v.store, v.doc_offsets, r.docs, r.k, fast_pass=self.fast_pass, block_tokens=self.block_tokens)]
         results = batched_exact_top_k(requests, self._maxima)
