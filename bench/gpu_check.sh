@@ -12,7 +12,9 @@ python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-d
 export PYTHONPATH=/tmp/site:$PWD/server:$PWD/registry:$PWD/client PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, zarr, hnswlib; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'zarr', zarr.__version__)"
-python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_maxsim.py tests/test_codec_format.py \
+python3 -c "import triton; print('triton', triton.__version__)" || true
+python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_fused_maxsim.py tests/test_batched_search.py \
+  tests/test_padded_layout.py tests/test_maxsim.py tests/test_codec_format.py \
   tests/test_codec_search.py tests/test_byo_vectors.py tests/test_index_version.py tests/test_index_integrity.py \
   2>&1 | tee "$OUT/gpu-tests.log" | tail -25
 python3 bench/bench_gpu.py --documents "${GPU_BENCH_DOCS:-50000}" --out "$OUT/gpu.json"

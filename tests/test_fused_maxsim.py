@@ -1,5 +1,5 @@
-"""The fused Triton MaxSim kernel (`FusedMaxima`, the CUDA default): here it runs in Triton's
-interpreter on CPU, the same kernel source the GPU compiles. Per-document maxima equal the
+"""The fused Triton MaxSim kernel (`FusedMaxima`, the CUDA default): on CPU it runs in Triton's
+interpreter, the same kernel source a GPU compiles (on a CUDA machine these tests run there). Per-document maxima equal the
 float64 reference for any candidate order, token count across tile edges, feature dim (tiled or
 masked) and query width (one or several query blocks, as batched searches give)."""
 from __future__ import annotations
@@ -15,21 +15,22 @@ from colgrid_server.search._fused import FusedMaxima, LaunchConfig, available, f
 
 # Lengths around the 64-row tile (and a long one spanning many tiles).
 LENGTHS = [1, 2, 63, 64, 65, 128, 200, 1, 300, 17]
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _corpus(dim: int, seed: int = 0) -> tuple[torch.Tensor, np.ndarray, list[np.ndarray]]:
     rng = np.random.default_rng(seed)
     docs = [rng.standard_normal((n, dim)).astype(np.float16) for n in LENGTHS]
     offsets = np.concatenate([[0], np.cumsum(LENGTHS)]).astype(np.int64)
-    return torch.from_numpy(np.concatenate(docs)), offsets, [d.astype(np.float64) for d in docs]
+    return torch.from_numpy(np.concatenate(docs)).to(DEVICE), offsets, [d.astype(np.float64) for d in docs]
 
 
 def _reference(query: np.ndarray, docs: list[np.ndarray], which: np.ndarray) -> np.ndarray:
     return np.stack([(query.astype(np.float64) @ docs[d].T).max(axis=1) for d in which])
 
 
-def test_the_kernel_runs_here_in_the_interpreter():
-    assert available(torch.device("cpu"))
+def test_the_kernel_runs_here():
+    assert available(DEVICE)  # compiled on a GPU, interpreted on CPU
 
 
 @pytest.mark.parametrize("dim", [128, 384, 100], ids=["dim128", "dim384-three-tiles", "dim100-masked"])
@@ -39,7 +40,7 @@ def test_maxima_equal_the_float64_reference(dim, n_q):
     rng = np.random.default_rng(dim + n_q)
     query = rng.standard_normal((n_q, dim)).astype(np.float32)
     which = rng.permutation(len(LENGTHS))[:7]
-    got = FusedMaxima(tokens, offsets).maxima(torch.from_numpy(query), which).numpy()
+    got = FusedMaxima(tokens, offsets).maxima(torch.from_numpy(query), which).cpu().numpy()
     want = _reference(query, docs, which)
     assert got.shape == (7, n_q)
     # float32 accuracy, not float16's: the query is split into two float16 parts.
@@ -51,7 +52,7 @@ def test_every_document_in_order_and_repeated_candidates():
     query = np.random.default_rng(1).standard_normal((20, 64)).astype(np.float32)
     layout = FusedMaxima(tokens, offsets)
     for which in (np.arange(len(LENGTHS)), np.array([4, 4, 0, 4])):
-        got = layout.maxima(torch.from_numpy(query), which).numpy()
+        got = layout.maxima(torch.from_numpy(query), which).cpu().numpy()
         np.testing.assert_allclose(got, _reference(query, docs, which), rtol=2e-6, atol=1e-4)
 
 
@@ -60,7 +61,7 @@ def test_every_launch_configuration_gives_the_same_maxima(config):
     tokens, offsets, docs = _corpus(32)
     query = np.random.default_rng(2).standard_normal((9, 32)).astype(np.float32)
     which = np.arange(len(LENGTHS))
-    got = FusedMaxima(tokens, offsets, config).maxima(torch.from_numpy(query), which).numpy()
+    got = FusedMaxima(tokens, offsets, config).maxima(torch.from_numpy(query), which).cpu().numpy()
     np.testing.assert_allclose(got, _reference(query, docs, which), rtol=2e-6, atol=1e-4)
 
 
@@ -93,7 +94,8 @@ def test_a_searcher_on_the_fused_kernel_answers_as_the_segment_kernel(version):
     loaded, corpus = version
     fused, plain = Searcher(loaded, fused=True), Searcher(loaded, fused=False, padded=False, fast_pass=False)
     assert fused.fused is not None and fused.padded is None and plain.fused is None
-    assert Searcher(loaded).fused is None  # CPU default: the screened passes, not the interpreter
+    # The default on a GPU; on CPU the screened passes serve, not the interpreter.
+    assert (Searcher(loaded).fused is not None) == (loaded.device.type == "cuda")
     for n in (3, 17, 32):
         q = corpus.vectors(n)
         tokens = [f"t{i}" for i in range(n)]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -130,6 +131,11 @@ class FusedMaxima:
     def maxima(self, query: torch.Tensor, docs: np.ndarray) -> torch.Tensor:
         """(len(docs), Q) float32: per document, the largest similarity of each query token to
         any of its tokens (float32 accumulation of the stored float16 values)."""
+        return self.launcher(query, docs)()
+
+    def launcher(self, query: torch.Tensor, docs: np.ndarray) -> Callable[[], torch.Tensor]:
+        """The kernel launch with its inputs prepared: calling it computes `maxima(query, docs)`
+        (bench/bench_gpu.py times the kernel alone with it)."""
         if query.ndim != 2 or query.shape[1] != self.dim:
             raise ValueError(f"query shape {tuple(query.shape)} does not match the documents' dim {self.dim}")
         docs = np.asarray(docs, dtype=np.int64)
@@ -138,25 +144,28 @@ class FusedMaxima:
         q_blocks = -(-n_q // block_q)
         out = torch.empty((n_docs, q_blocks * block_q), dtype=torch.float32, device=self.device)
         if n_docs == 0 or n_q == 0:
-            return out[:, :n_q]
+            return lambda: out[:, :n_q]
         q = torch.zeros((q_blocks * block_q, self.dim), dtype=torch.float32, device=self.device)
         q[:n_q] = query.to(device=self.device, dtype=torch.float32)
         q_hi = q.to(self.tokens.dtype)
         q_lo = (q - q_hi.to(torch.float32)).to(self.tokens.dtype)
-        every = n_docs == self._starts.shape[0] and np.array_equal(docs, np.arange(n_docs))
-        if every:
-            starts, lengths = self._starts, self._lengths
+        if n_docs == self._starts.shape[0] and np.array_equal(docs, np.arange(n_docs)):
+            starts, lengths = self._starts, self._lengths  # every document, in order: no gather
         else:
             index = torch.from_numpy(docs).to(self.device)
             starts, lengths = self._starts.index_select(0, index), self._lengths.index_select(0, index)
         c = self.config
-        _KERNEL[(n_docs * q_blocks,)](
-            self.tokens, starts, lengths, q_hi, q_lo, out,
-            n_q, self.dim, q_blocks,
-            BLOCK_T=c.block_tokens, BLOCK_Q=block_q, BLOCK_D=self._block_d, D_BLOCKS=self._d_blocks,
-            num_warps=c.warps, num_stages=c.stages,
-        )  # fmt: skip
-        return out[:, :n_q]
+
+        def launch() -> torch.Tensor:
+            _KERNEL[(n_docs * q_blocks,)](
+                self.tokens, starts, lengths, q_hi, q_lo, out,
+                n_q, self.dim, q_blocks,
+                BLOCK_T=c.block_tokens, BLOCK_Q=block_q, BLOCK_D=self._block_d, D_BLOCKS=self._d_blocks,
+                num_warps=c.warps, num_stages=c.stages,
+            )  # fmt: skip
+            return out[:, :n_q]
+
+        return launch
 
 
 def fused_self_check(layout: FusedMaxima, documents: int = 8) -> bool:
