@@ -211,3 +211,15 @@ def test_a_lone_batched_search_does_not_wait_out_the_delay(version, corpus):
     assert len(searcher.exhaustive(q, _tokens(q), SearchParams()).hits) == 10
     assert time.monotonic() - started < 10.0
     assert searcher._in_flight == 0
+
+
+def test_ties_at_the_kth_score_go_to_the_lower_document_indices():
+    rng = np.random.default_rng(6)
+    same = rng.standard_normal((5, DIM)).astype(np.float16)
+    store = DenseTokens(torch.from_numpy(np.concatenate([same] * 60)), codec="fp16", max_norm=float("inf"))
+    offsets = np.arange(0, 301, 5, dtype=np.int64)  # 60 identical documents: every score ties
+    docs = rng.permutation(60)[:50].astype(np.int64)
+    request = ExactRequest(query=torch.from_numpy(rng.standard_normal((4, DIM)).astype(np.float32)), docs=docs, k=3)
+    (result,) = batched_exact_top_k([request], segment_maxima(store, offsets, 64))
+    np.testing.assert_array_equal(result.docs, np.sort(docs)[:3])
+    assert len(set(result.scores.tolist())) == 1

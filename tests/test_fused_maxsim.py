@@ -107,3 +107,12 @@ def test_a_searcher_on_the_fused_kernel_answers_as_the_segment_kernel(version):
             assert [[m.doc_token_index for m in h.explanation] for h in got.hits] == [
                 [m.doc_token_index for m in h.explanation] for h in want.hits
             ]
+
+
+def test_a_configuration_too_big_for_the_gpu_shrinks_its_pipeline_then_its_tiles():
+    from colgrid_server.search._fused import _smaller
+
+    assert _smaller(LaunchConfig(64, 4, 3)) == LaunchConfig(64, 4, 2)
+    assert _smaller(LaunchConfig(64, 4, 1)) == LaunchConfig(32, 4, 1)
+    with pytest.raises(RuntimeError, match="fits no launch configuration"):
+        _smaller(LaunchConfig(16, 4, 1))

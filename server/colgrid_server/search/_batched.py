@@ -53,19 +53,50 @@ def segment_maxima(store: TokenStore, doc_offsets: np.ndarray, block_tokens: int
 
 def batched_exact_top_k(requests: Sequence[ExactRequest], maxima_of: MaximaFn) -> list[ExactResult]:
     """The k best candidates of every request by float32 MaxSim, in one pass of maxima_of
-    (`segment_maxima`, or `PaddedDocuments.maxima`) over the union of their candidates."""
+    (`segment_maxima`, `PaddedDocuments.maxima` or `FusedMaxima.maxima`) over the union of their
+    candidates."""
     if not requests:
         return []
-    union, inverse = np.unique(np.concatenate([np.asarray(r.docs, dtype=np.int64) for r in requests]), return_inverse=True)
+    docs = [np.asarray(r.docs, dtype=np.int64) for r in requests]
+    union, inverses = _union(docs)
     queries = torch.cat([r.query.to(torch.float32) for r in requests])
     maxima = maxima_of(queries, union)
-    results, position, column = [], 0, 0
-    for request in requests:
-        n_docs, n_q = len(request.docs), request.query.shape[0]
-        own = torch.from_numpy(inverse[position : position + n_docs]).to(maxima.device)
-        scores = maxima[:, column : column + n_q].index_select(0, own).sum(dim=1).cpu().numpy()
-        docs = np.asarray(request.docs, dtype=np.int64)
-        order = np.lexsort((docs, -scores))[: request.k]
-        results.append(ExactResult(docs=docs[order], scores=scores[order]))
-        position, column = position + n_docs, column + n_q
+    results, column = [], 0
+    for request, own_docs, inverse in zip(requests, docs, inverses):
+        n_q = request.query.shape[0]
+        mine = maxima[:, column : column + n_q]
+        if inverse is not None:
+            mine = mine.index_select(0, torch.from_numpy(inverse).to(maxima.device))
+        kept, scores = _best(mine.sum(dim=1), request.k)
+        kept_docs = own_docs[kept]
+        order = np.lexsort((kept_docs, -scores))[: request.k]
+        results.append(ExactResult(docs=kept_docs[order], scores=scores[order]))
+        column += n_q
     return results
+
+
+def _union(docs: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray | None]]:
+    """The documents to score once, and where each request's documents sit among them (None:
+    in the same order). Concurrent exhaustive searches all ask for every document: no work."""
+    first = docs[0]
+    if all(d is first or np.array_equal(d, first) for d in docs[1:]):
+        return first, [None] * len(docs)
+    # A mask over document indices, not np.unique's sort: linear in the candidates.
+    size = max((int(d.max()) + 1 for d in docs if d.size), default=0)
+    mask = np.zeros(size, dtype=bool)
+    for d in docs:
+        mask[d] = True
+    position = np.cumsum(mask) - 1
+    return np.flatnonzero(mask), [position[d] for d in docs]
+
+
+def _best(scores: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions and float32 scores of every candidate scoring at least the k-th best (ties at
+    the boundary included, so that the caller's tie-break by document index stays exact);
+    selected on the scores' device so that only ~k of them travel to the host."""
+    if scores.shape[0] <= 4 * k:
+        values = scores.cpu().numpy()
+        return np.arange(values.shape[0]), values
+    kth = torch.topk(scores, k, sorted=False).values.min()
+    kept = torch.nonzero(scores >= kth).squeeze(1)
+    return kept.cpu().numpy(), scores.index_select(0, kept).cpu().numpy()

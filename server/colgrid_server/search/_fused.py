@@ -63,7 +63,7 @@ DEFAULT_CONFIG = LaunchConfig()
 
 def _maxsim_source(
     tokens_ptr, starts_ptr, lengths_ptr, q_hi_ptr, q_lo_ptr, out_ptr,
-    n_q, dim, q_blocks,
+    dim, q_blocks,
     BLOCK_T: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, D_BLOCKS: tl.constexpr,
 ):  # fmt: skip
     # Programs of one candidate are adjacent in launch order, so its rows, when Q spans several
@@ -94,7 +94,12 @@ def _maxsim_source(
     tl.store(out_ptr + doc.to(tl.int64) * (q_blocks * BLOCK_Q) + qs, best)
 
 
-_KERNEL = triton.jit(_maxsim_source) if triton is not None else None
+# q_blocks varies with a batch's query tokens: one compiled variant for all of its values.
+_KERNEL = triton.jit(_maxsim_source, do_not_specialize=["q_blocks"]) if triton is not None else None
+try:
+    from triton.runtime.errors import OutOfResources as _OutOfResources
+except ImportError:  # pragma: no cover - older or newer Triton layouts
+    _OutOfResources = RuntimeError
 
 
 class FusedMaxima:
@@ -115,8 +120,13 @@ class FusedMaxima:
         self.tokens = tokens.contiguous()
         self.device, self.dim = tokens.device, tokens.shape[1]
         self.config = config
-        self._starts = torch.from_numpy(offsets[:-1].copy()).to(self.device)
-        self._lengths = torch.from_numpy(np.diff(offsets)).to(self.device)
+        # (2, N_doc): each document's first row and its length, on the host and on the device.
+        self._n_docs = offsets.shape[0] - 1
+        self._host_ranges = np.stack([offsets[:-1], np.diff(offsets)])
+        padded = np.zeros((2, -(-self._n_docs // 8) * 8), dtype=np.int64)
+        padded[:, : self._n_docs] = self._host_ranges
+        self._ranges = torch.from_numpy(padded).to(self.device)
+        self._fitted: dict[int, LaunchConfig] = {}  # per query-block width: the config that fits
         # The feature axis in power-of-two tiles of at most 128 (tl.dot wants >= 16 per side).
         self._block_d = min(128, max(16, triton.next_power_of_2(self.dim)))
         self._d_blocks = -(-self.dim // self._block_d)
@@ -145,44 +155,63 @@ class FusedMaxima:
         out = torch.empty((n_docs, q_blocks * block_q), dtype=torch.float32, device=self.device)
         if n_docs == 0 or n_q == 0:
             return lambda: out[:, :n_q]
-        q = torch.zeros((q_blocks * block_q, self.dim), dtype=torch.float32, device=self.device)
-        q[:n_q] = query.to(device=self.device, dtype=torch.float32)
+        # Inputs are prepared on the host and sent in two copies: a search's exact stage is ~0.1 ms
+        # of kernel on a GPU, and a dozen small device ops around it cost more than that.
+        q = torch.zeros((q_blocks * block_q, self.dim), dtype=torch.float32)
+        q[:n_q] = query.detach().to(device="cpu", dtype=torch.float32)
         q_hi = q.to(self.tokens.dtype)
-        q_lo = (q - q_hi.to(torch.float32)).to(self.tokens.dtype)
-        if n_docs == self._starts.shape[0] and np.array_equal(docs, np.arange(n_docs)):
-            starts, lengths = self._starts, self._lengths  # every document, in order: no gather
+        q_parts = torch.stack([q_hi, (q - q_hi.to(torch.float32)).to(self.tokens.dtype)]).to(self.device)
+        if n_docs == self._n_docs and np.array_equal(docs, np.arange(n_docs)):
+            ranges = self._ranges  # every document, in order: nothing to send
         else:
-            index = torch.from_numpy(docs).to(self.device)
-            starts, lengths = self._starts.index_select(0, index), self._lengths.index_select(0, index)
-        c = self.config
+            # Rows padded to a multiple of 8 entries: both stay 64-byte aligned (Triton compiles
+            # a variant per pointer alignment).
+            padded = np.zeros((2, -(-n_docs // 8) * 8), dtype=np.int64)
+            padded[:, :n_docs] = self._host_ranges[:, docs]
+            ranges = torch.from_numpy(padded).to(self.device)
 
         def launch() -> torch.Tensor:
-            _KERNEL[(n_docs * q_blocks,)](
-                self.tokens, starts, lengths, q_hi, q_lo, out,
-                n_q, self.dim, q_blocks,
-                BLOCK_T=c.block_tokens, BLOCK_Q=block_q, BLOCK_D=self._block_d, D_BLOCKS=self._d_blocks,
-                num_warps=c.warps, num_stages=c.stages,
-            )  # fmt: skip
+            config = self._fitted.get(block_q, self.config)
+            while True:
+                try:
+                    _KERNEL[(n_docs * q_blocks,)](
+                        self.tokens, ranges[0], ranges[1], q_parts[0], q_parts[1], out,
+                        self.dim, q_blocks,
+                        BLOCK_T=config.block_tokens, BLOCK_Q=block_q, BLOCK_D=self._block_d, D_BLOCKS=self._d_blocks,
+                        num_warps=config.warps, num_stages=config.stages,
+                    )  # fmt: skip
+                    break
+                except _OutOfResources:  # this GPU's shared memory: a shallower pipeline, smaller tiles
+                    config = _smaller(config)
+            self._fitted[block_q] = config
             return out[:, :n_q]
 
         return launch
+
+
+def _smaller(config: LaunchConfig) -> LaunchConfig:
+    if config.stages > 1:
+        return LaunchConfig(config.block_tokens, config.warps, config.stages - 1)
+    if config.block_tokens > 16:
+        return LaunchConfig(config.block_tokens // 2, config.warps, config.stages)
+    raise RuntimeError("the fused MaxSim kernel fits no launch configuration on this GPU")
 
 
 def fused_self_check(layout: FusedMaxima, documents: int = 8) -> bool:
     """Compile the kernel for every query-block width and compare its maxima on the first
     documents with torch's: False (and the reason logged) where it fails or disagrees, so a
     searcher can fall back instead of serving a broken kernel's scores."""
-    n_docs = min(documents, layout._starts.shape[0])
+    n_docs = min(documents, layout._n_docs)
     if n_docs == 0:
         return True
     docs = np.arange(n_docs)
     generator = torch.Generator().manual_seed(0)
     try:
-        for n_q in (16, 32, 64):
+        for n_q in (16, 32, 64, 100):  # every query-block width, and several blocks
             query = torch.randn((n_q, layout.dim), generator=generator)
             got = layout.maxima(query, docs).cpu()
             for row, doc in enumerate(docs.tolist()):
-                start, length = int(layout._starts[doc]), int(layout._lengths[doc])
+                start, length = (int(x) for x in layout._host_ranges[:, doc])
                 tokens = layout.tokens[start : start + length].to(torch.float32).cpu()
                 want = (tokens @ query.T).amax(dim=0)
                 if not torch.allclose(got[row], want, rtol=1e-4, atol=1e-3 * float(want.abs().max()) + 1e-6):

@@ -74,7 +74,8 @@ class Searcher:
         fused (default: on a GPU with Triton, for float16/bfloat16-resident tokens): exact MaxSim
         is one fused kernel reading each candidate's rows once (`FusedMaxima`); on CPU it runs
         in Triton's interpreter (tests only).
-        padded (default: on a GPU where the fused kernel is not used): exact MaxSim reads a
+        padded (default: on a GPU where the fused kernel is not used; True asks for it over the
+        fused kernel): exact MaxSim reads a
         padded copy of the tokens bucketed by document length (`PaddedDocuments`) instead of
         gathering rows."""
         self.version = version
@@ -89,7 +90,7 @@ class Searcher:
         self.fused: FusedMaxima | None = None
         store = version.store
         dense_half = isinstance(store, DenseTokens) and store.tokens.dtype in (torch.float16, torch.bfloat16)
-        if fused if fused is not None else (on_gpu and dense_half and fused_available(version.device)):
+        if fused if fused is not None else (on_gpu and dense_half and padded is not True and fused_available(version.device)):
             if not dense_half:
                 raise ValueError(f"version {version.name}: the fused kernel reads float16/bfloat16-resident tokens")
             self.fused = FusedMaxima(store.tokens, version.doc_offsets)
