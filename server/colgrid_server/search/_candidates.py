@@ -8,18 +8,30 @@ import numpy as np
 import torch
 
 from colgrid_server.index import LoadedVersion
+from colgrid_server.search._fused import available as fused_available
+from colgrid_server.search._fused_centroids import MAX_QUERY_TOKENS, FusedCentroidScores, fused_centroids_self_check
 from colgrid_server.search._maxsim import DEFAULT_BLOCK_TOKENS, centroid_maxsim_scores
 
 
 class CandidateGenerator:
     """Per-version state for candidate generation: centroids in the compute dtype."""
 
-    def __init__(self, version: LoadedVersion, *, block_tokens: int = DEFAULT_BLOCK_TOKENS) -> None:
+    def __init__(self, version: LoadedVersion, *, block_tokens: int = DEFAULT_BLOCK_TOKENS, fused: bool | None = None) -> None:
+        """fused (default: on a GPU with Triton): centroid interaction by one fused kernel over
+        token codes held on the device (`FusedCentroidScores`); on CPU it runs in Triton's
+        interpreter (tests only)."""
         self.version = version
         self.block_tokens = block_tokens
         # Ranking candidates tolerates rounding: bf16 on CPU is several times faster than fp32.
-        dtype = torch.bfloat16 if version.device.type == "cpu" else torch.float32
+        # The fused kernel reads a float32 table.
+        use_fused = fused if fused is not None else version.device.type == "cuda" and fused_available(version.device)
+        dtype = torch.bfloat16 if version.device.type == "cpu" and not use_fused else torch.float32
         self._centroids = torch.from_numpy(version.centroids).to(version.device, dtype)
+        self.fused: FusedCentroidScores | None = None
+        if use_fused:
+            scorer = FusedCentroidScores(version.token_codes, version.doc_offsets, version.device)
+            if fused or fused_centroids_self_check(scorer, self._centroids, version.doc_offsets):
+                self.fused = scorer
 
     def __call__(self, query: np.ndarray, nprobe: int, n_candidates: int) -> np.ndarray:
         """Ascending indices of at most n_candidates documents to score exactly."""
@@ -46,4 +58,6 @@ class CandidateGenerator:
         v = self.version
         q = torch.from_numpy(query).to(v.device, self._centroids.dtype)
         table = torch.mm(self._centroids, q.T).to(torch.float32)  # (C, Q)
+        if self.fused is not None and table.shape[1] <= MAX_QUERY_TOKENS:
+            return self.fused.scores(table, docs)
         return centroid_maxsim_scores(table, v.token_codes, v.doc_offsets, docs, block_tokens=self.block_tokens)

@@ -37,7 +37,7 @@ try:  # Triton ships with torch on Linux; without it the padded layout serves.
     import triton
     import triton.language as tl
 except ImportError:  # pragma: no cover - depends on the platform
-    triton = None
+    triton = tl = None
 
 
 def available(device: torch.device) -> bool:

@@ -72,8 +72,9 @@ class Searcher:
         at most batch_delay seconds for companions. On CPU each search's own screened pass is
         faster, so it is off there by default.
         fused (default: on a GPU with Triton, for float16/bfloat16-resident tokens): exact MaxSim
-        is one fused kernel reading each candidate's rows once (`FusedMaxima`); on CPU it runs
-        in Triton's interpreter (tests only).
+        is one fused kernel reading each candidate's rows once (`FusedMaxima`), and candidates
+        are ranked by a fused centroid-interaction kernel (`FusedCentroidScores`, any codec);
+        on CPU both run in Triton's interpreter (tests only).
         padded (default: on a GPU where the fused kernel is not used; True asks for it over the
         fused kernel): exact MaxSim reads a
         padded copy of the tokens bucketed by document length (`PaddedDocuments`) instead of
@@ -85,7 +86,7 @@ class Searcher:
         self.block_tokens = block_tokens
         self.threads = threads
         self.fast_pass = version.device.type == "cpu" if fast_pass is None else fast_pass
-        self._candidates = CandidateGenerator(version, block_tokens=block_tokens)
+        self._candidates = CandidateGenerator(version, block_tokens=block_tokens, fused=fused)
         self.padded: PaddedDocuments | None = None
         self.fused: FusedMaxima | None = None
         store = version.store

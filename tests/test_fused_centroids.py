@@ -1,0 +1,83 @@
+"""The fused centroid-interaction kernel (`FusedCentroidScores`, candidate ranking on a GPU by
+default): on CPU it runs in Triton's interpreter, the kernel source a GPU compiles. Scores equal
+the float64 centroid interaction for any candidate order, token count across tile edges and
+query width; the candidate generator ranks with it as with the torch path."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from colgrid_server.index import open_version
+from colgrid_server.index.testing import SyntheticCorpus, write_synthetic_version
+from colgrid_server.search._candidates import CandidateGenerator
+from colgrid_server.search._fused_centroids import (
+    MAX_QUERY_TOKENS,
+    FusedCentroidScores,
+    fused_centroids_self_check,
+)
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+LENGTHS = [1, 31, 32, 33, 64, 100, 2, 250]
+N_CENTROIDS = 50
+
+
+def _codes(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    offsets = np.concatenate([[0], np.cumsum(LENGTHS)]).astype(np.int64)
+    return rng.integers(0, N_CENTROIDS, size=int(offsets[-1])).astype(np.uint16), offsets
+
+
+def _reference(table: np.ndarray, codes: np.ndarray, offsets: np.ndarray, docs: np.ndarray) -> np.ndarray:
+    t = table.astype(np.float64)
+    return np.array([t[codes[offsets[d]:offsets[d + 1]]].max(axis=0).sum() for d in docs])
+
+
+@pytest.mark.parametrize("n_q", [1, 20, 32, 100])
+def test_scores_equal_the_float64_centroid_interaction(n_q):
+    codes, offsets = _codes()
+    rng = np.random.default_rng(n_q)
+    table = rng.standard_normal((N_CENTROIDS, n_q)).astype(np.float32)
+    docs = rng.permutation(len(LENGTHS))[:6]
+    got = FusedCentroidScores(codes, offsets, DEVICE).scores(torch.from_numpy(table).to(DEVICE), docs).cpu().numpy()
+    np.testing.assert_allclose(got, _reference(table, codes, offsets, docs), rtol=1e-5, atol=1e-4)
+
+
+def test_no_candidates_long_queries_and_mismatched_codes_are_handled():
+    codes, offsets = _codes()
+    scorer = FusedCentroidScores(codes, offsets, DEVICE)
+    assert scorer.scores(torch.ones((N_CENTROIDS, 4), device=DEVICE), np.array([], dtype=np.int64)).shape == (0,)
+    with pytest.raises(ValueError, match="at most"):
+        scorer.scores(torch.ones((N_CENTROIDS, MAX_QUERY_TOKENS + 1), device=DEVICE), np.array([0]))
+    with pytest.raises(ValueError, match="token codes"):
+        FusedCentroidScores(codes[:-1], offsets, DEVICE)
+    assert scorer.nbytes == 4 * codes.shape[0]
+
+
+def test_the_self_check_passes_on_a_sound_kernel():
+    codes, offsets = _codes(1)
+    scorer = FusedCentroidScores(codes, offsets, DEVICE)
+    assert fused_centroids_self_check(scorer, torch.zeros((N_CENTROIDS, 8)), offsets)
+
+
+@pytest.fixture(scope="module")
+def version(tmp_path_factory):
+    corpus = SyntheticCorpus(24, topics=20, noise=0.25, seed=3)
+    path = tmp_path_factory.mktemp("fused-centroids") / "v"
+    write_synthetic_version(path, corpus.documents(200, max_tokens=60), corpus.encoder)
+    return open_version(path), corpus
+
+
+def test_the_candidate_generator_ranks_by_the_fused_kernel_as_by_the_float64_reference(version):
+    loaded, corpus = version
+    fused = CandidateGenerator(loaded, fused=True)
+    assert fused.fused is not None
+    assert (CandidateGenerator(loaded).fused is not None) == (loaded.device.type == "cuda")  # the GPU default
+    query = corpus.vectors(12)
+    docs = fused.probe(query, nprobe=4)
+    got = fused.centroid_scores(query, docs).cpu().numpy()
+    table = loaded.centroids.astype(np.float64) @ query.astype(np.float64).T
+    np.testing.assert_allclose(got, _reference(table, loaded.token_codes, loaded.doc_offsets, docs), rtol=1e-5, atol=1e-4)
+    candidates = fused(query, nprobe=4, n_candidates=10)
+    best = docs[np.argsort(-got, kind="stable")[:10]]
+    assert set(candidates.tolist()) == set(best.tolist())
