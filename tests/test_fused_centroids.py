@@ -81,3 +81,21 @@ def test_the_candidate_generator_ranks_by_the_fused_kernel_as_by_the_float64_ref
     candidates = fused(query, nprobe=4, n_candidates=10)
     best = docs[np.argsort(-got, kind="stable")[:10]]
     assert set(candidates.tolist()) == set(best.tolist())
+
+
+@pytest.mark.parametrize("nprobe", [1, 64])
+@pytest.mark.parametrize("sort_below", [0, 10**9], ids=["masked", "sorted"])
+def test_a_probe_returns_the_sorted_union_of_its_inverted_lists(version, nprobe, sort_below, monkeypatch):
+    from colgrid_server.search import _candidates
+
+    monkeypatch.setattr(_candidates, "UNIQUE_BY_SORT_BELOW", sort_below)  # either way of deduplicating
+    loaded, corpus = version
+    generator = CandidateGenerator(loaded, fused=False)
+    query = corpus.vectors(6)
+    labels, _ = loaded.graph.knn_query(query, k=min(nprobe, loaded.centroid_count))
+    expected = set()
+    for c in np.unique(labels).tolist():
+        expected.update(loaded.ivf_docs[loaded.ivf_offsets[c]:loaded.ivf_offsets[c + 1]].tolist())
+    got = generator.probe(query, nprobe)
+    assert got.dtype == np.int64 and np.all(np.diff(got) > 0)
+    assert set(got.tolist()) == expected

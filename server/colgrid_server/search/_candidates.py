@@ -13,6 +13,11 @@ from colgrid_server.search._fused_centroids import MAX_QUERY_TOKENS, FusedCentro
 from colgrid_server.search._maxsim import DEFAULT_BLOCK_TOKENS, centroid_maxsim_scores
 
 
+# Postings this many times fewer than the documents are deduplicated by sorting them; more, by
+# a mask over the documents (linear in both).
+UNIQUE_BY_SORT_BELOW = 16
+
+
 class CandidateGenerator:
     """Per-version state for candidate generation: centroids in the compute dtype."""
 
@@ -52,7 +57,14 @@ class CandidateGenerator:
         first = np.zeros(lists.shape[0], dtype=np.int64)
         np.cumsum(lengths[:-1], out=first[1:])
         postings = np.repeat(starts - first, lengths) + np.arange(int(lengths.sum()))
-        return np.unique(v.ivf_docs[postings]).astype(np.int64)
+        docs = v.ivf_docs[postings]
+        if docs.shape[0] * UNIQUE_BY_SORT_BELOW < v.documents:
+            return np.unique(docs).astype(np.int64)
+        # A mask over the documents, not np.unique's sort: 0.09 vs 3.7 ms for 43k postings of
+        # 50k documents, which was most of a default search's candidate stage.
+        mask = np.zeros(v.documents, dtype=bool)
+        mask[docs] = True
+        return np.flatnonzero(mask)
 
     def centroid_scores(self, query: np.ndarray, docs: np.ndarray) -> torch.Tensor:
         v = self.version
