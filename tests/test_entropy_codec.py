@@ -110,7 +110,7 @@ def test_the_fitted_step_meets_the_budget_on_held_out_tokens(nbits):
     tokens = corpus.vectors(12000).astype(np.float32)
     centroids = tokens[::97] / np.linalg.norm(tokens[::97], axis=1, keepdims=True)
     residuals = tokens - centroids[np.argmax(tokens @ centroids.T, axis=1)]
-    model = fit_entropy_model(residuals[:6000], tokens[:6000], nbits, total_tokens=12000, fixed_bytes=0)
+    model = fit_entropy_model(residuals[:6000], nbits, total_tokens=12000, fixed_bytes=0)
     held_out = (residuals[6000:] @ model.rotation) * model.scale
     bits = estimated_bits_per_token(held_out, model.step)
     assert 0.9 * nbits * 48 <= bits <= nbits * 48
@@ -122,9 +122,32 @@ def test_fewer_bits_mean_a_coarser_step():
     corpus = SyntheticCorpus(32, seed=8)
     tokens = corpus.vectors(4000).astype(np.float32)
     residuals = tokens - tokens.mean(axis=0)
-    fine = fit_entropy_model(residuals, tokens, 4, total_tokens=4000, fixed_bytes=0)
-    coarse = fit_entropy_model(residuals, tokens, 2, total_tokens=4000, fixed_bytes=0)
+    fine = fit_entropy_model(residuals, 4, total_tokens=4000, fixed_bytes=0)
+    coarse = fit_entropy_model(residuals, 2, total_tokens=4000, fixed_bytes=0)
     assert coarse.step > 2 * fine.step
+
+
+def test_the_rotation_follows_the_residuals_not_the_tokens_shared_direction():
+    # Tokens share a large mean along axis 0; around their centroid they vary along axis 1.
+    # The error that moves a score is read by a query token's deviation from the document
+    # token it matches, which spreads like the residuals: the first axis must be axis 1.
+    rng = np.random.default_rng(3)
+    residuals = rng.normal(0, 0.01, (4000, 8)).astype(np.float32)
+    residuals[:, 1] += rng.normal(0, 0.3, 4000).astype(np.float32)
+    model = fit_entropy_model(residuals, 4, total_tokens=4000, fixed_bytes=0)
+    assert abs(float(model.rotation[1, 0])) > 0.99
+    assert abs(float(model.rotation[0, 0])) < 0.05
+
+
+def test_the_weights_of_any_two_directions_differ_at_most_sqrt_dim_plus_one_fold():
+    # The isotropic part of the weighting: directions the residuals barely use still get a
+    # share of the precision (query tokens vary in them more than document tokens do).
+    dim = 16
+    rng = np.random.default_rng(4)
+    residuals = (rng.normal(0, 1, (3000, dim)) * np.geomspace(1, 1e-4, dim)).astype(np.float32)
+    model = fit_entropy_model(residuals, 4, total_tokens=3000, fixed_bytes=0)
+    ratio = float(model.scale.max() / model.scale.min())
+    assert 2.0 < ratio <= np.sqrt(dim + 1) * 1.001
 
 
 # -- versions --------------------------------------------------------------------------------

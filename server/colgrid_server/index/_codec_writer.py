@@ -55,7 +55,7 @@ class CodecWriter:
         residuals = sample - centroids[sample_codes]
         if self.codec.is_entropy:
             fixed = fixed_bytes(self.dim)
-            self._entropy = fit_entropy_model(residuals, sample, self.codec.nbits, total_tokens=total_tokens, fixed_bytes=fixed)
+            self._entropy = fit_entropy_model(residuals, self.codec.nbits, total_tokens=total_tokens, fixed_bytes=fixed)
         else:
             self._buckets = fit_residual_buckets(residuals, self.codec.nbits)
 
