@@ -13,7 +13,10 @@ token = centroid[code] + U (s * step / w), s an integer per (token, rotated dime
   queries vary more than document tokens in the directions the residuals barely use. On 20k
   MiniLM docstrings, at equal bytes, this cuts the RMS error of the MaxSim scores of each
   query's fp16 top-20 documents by 30% against E[t t^T] (the residuals' moment alone: 15%;
-  the isotropic part alone: 30%, with a larger error per query token).
+  the isotropic part alone: 30%, with a larger error per query token). Recall moves less,
+  because the loss is mostly near-ties at rank 10: on 700 held-out queries the exhaustive
+  recall@10 loss fell from 0.0090 to 0.0075 and the default search's from 0.0066 to 0.0058
+  (means of four encodings each; one encoding to the next varies by ~0.001).
 - w = sqrt(lambda): one uniform step in the coordinates (U^T r) * w then weighs each direction by
   what it costs. With entropy coding, a single step for every coordinate is the allocation that
   minimises that weighted squared error at a given rate (reverse water-filling at high rate),
