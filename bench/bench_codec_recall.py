@@ -34,13 +34,15 @@ from typing import Any
 import numpy as np
 import torch
 
-import bench_codecs as bc
-import bench_search as bs
 from colgrid_server.corpus import iter_docstring_documents
 from colgrid_server.documents import read_jsonl
 from colgrid_server.encoders import load_encoder
 from colgrid_server.index import LoadedVersion, version_exists
 from colgrid_server.search import SearchParams, Searcher, maxsim_scores
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_codecs as bc  # noqa: E402  (cache layout, recall and loss helpers)
+import bench_search as bs  # noqa: E402  (the corpus split and query making)
 
 HERE = Path(__file__).resolve().parent
 K = bc.K
