@@ -88,11 +88,13 @@ def corpus_base(work: Path, info: dict[str, Any], n_b: int) -> Path:
     return work / "corpus" / f"{info['documents']}docs-{n_b}queries-seed0"
 
 
-def encoder_dir(work: Path) -> Path:
-    dirs = sorted(p for p in (work / "data" / "encoders").iterdir() if p.is_dir()) if (work / "data" / "encoders").is_dir() else []
-    if len(dirs) != 1:
-        sys.exit(f"expected one cached encoder under {work / 'data' / 'encoders'} (bench_search.py exports it), found {len(dirs)}")
-    return dirs[0]
+def encoder_dir(work: Path, encoder_id: str) -> Path:
+    """The cached encoder the indexed documents were encoded with (bench_search.py exports it)."""
+    root = work / "data" / "encoders"
+    found = next((p for p in sorted(root.glob("*")) if p.is_dir() and load_encoder(p).id == encoder_id), None)
+    if found is None:
+        sys.exit(f"no encoder with id {encoder_id} under {root}: rerun bench_search.py")
+    return found
 
 
 def query_sets(args: argparse.Namespace, work: Path, cache: Path, info: dict[str, Any], out: Path) -> dict[str, list[np.ndarray]]:
@@ -109,7 +111,7 @@ def query_sets(args: argparse.Namespace, work: Path, cache: Path, info: dict[str
         bc.log(f"making and encoding {args.new_queries} new held-out queries (set C)")
         texts = new_queries(work, info, set(json.loads((cache / "vectors" / "source.json").read_text())["query_texts"]),
                             b_queries, args.new_queries)  # fmt: skip
-        encoder = load_encoder(encoder_dir(work))
+        encoder = load_encoder(encoder_dir(work, info["encoder"]))
         check = [e.vectors for e in encoder.encode_queries([q.text for q in b_queries[:3]])]
         if max(float(np.abs(x - y).max()) for x, y in zip(check, b_vectors)) > 1e-4:
             sys.exit("the cached encoder does not reproduce B's query vectors: set C would not be comparable")
