@@ -204,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     started = time.perf_counter()
     work = args.work_dir.resolve()
-    report: dict[str, Any] = {"command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else " ".join(argv),
+    report: dict[str, Any] = {"command": command_line(argv),
                               "machine": bc.machine(), "code": bc.code_version(), "config": {k: str(v) for k, v in vars(args).items()}}  # fmt: skip
     cache, info = codec_cache(args, work)
     report["source"] = {k: v for k, v in info.items() if k != "query_texts"}
@@ -238,6 +238,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print_report(report)
     print(f"\nwritten to {args.out}")
     return report
+
+
+def command_line(argv: Sequence[str] | None) -> str:
+    exe = Path(sys.executable)
+    exe_text = str(exe.relative_to(HERE.parent)) if exe.is_relative_to(HERE.parent) else str(exe)
+    return " ".join([exe_text, *sys.argv] if argv is None else [exe_text, "bench/bench_codec_recall.py", *argv])
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
