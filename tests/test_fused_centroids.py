@@ -99,3 +99,39 @@ def test_a_probe_returns_the_sorted_union_of_its_inverted_lists(version, nprobe,
     got = generator.probe(query, nprobe)
     assert got.dtype == np.int64 and np.all(np.diff(got) > 0)
     assert set(got.tolist()) == expected
+
+
+def test_both_kernels_launched_from_many_threads_at_once_give_the_same_results():
+    """Concurrent searches launch them from several threads (on CPU the interpreter, which
+    patches triton.language while a kernel runs, must take turns)."""
+    import threading
+
+    from colgrid_server.search._fused import FusedMaxima
+
+    codes, offsets = _codes(2)
+    rng = np.random.default_rng(9)
+    table = torch.from_numpy(rng.standard_normal((N_CENTROIDS, 24)).astype(np.float32)).to(DEVICE)
+    tokens = torch.from_numpy(rng.standard_normal((int(offsets[-1]), 32)).astype(np.float16)).to(DEVICE)
+    query = torch.from_numpy(rng.standard_normal((24, 32)).astype(np.float32))
+    docs = np.arange(len(LENGTHS))
+    scorer, layout = FusedCentroidScores(codes, offsets, DEVICE), FusedMaxima(tokens, offsets)
+    want_scores, want_maxima = scorer.scores(table, docs).cpu(), layout.maxima(query, docs).cpu()
+    barrier, failures = threading.Barrier(8), []
+
+    def run(i: int) -> None:
+        barrier.wait()
+        for _ in range(3):
+            try:
+                if i % 2:
+                    assert torch.equal(scorer.scores(table, docs).cpu(), want_scores)
+                else:
+                    assert torch.equal(layout.maxima(query, docs).cpu(), want_maxima)
+            except Exception as error:  # noqa: BLE001 - collected and asserted below
+                failures.append(error)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []

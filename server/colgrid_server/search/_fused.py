@@ -20,7 +20,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,6 +49,16 @@ def available(device: torch.device) -> bool:
 
 def _interpreted() -> bool:
     return bool(triton.knobs.runtime.interpret)
+
+
+_INTERPRETER_LOCK = threading.Lock()
+
+
+def launch_guard() -> AbstractContextManager:
+    """Triton's interpreter patches triton.language module-wide while a kernel runs and restores
+    it after, so concurrent interpreted launches (CPU tests of concurrent searches) take turns;
+    compiled launches need no lock."""
+    return _INTERPRETER_LOCK if triton is not None and _interpreted() else nullcontext()
 
 
 @dataclass(frozen=True)
@@ -174,12 +186,13 @@ class FusedMaxima:
             config = self._fitted.get(block_q, self.config)
             while True:
                 try:
-                    _KERNEL[(n_docs * q_blocks,)](
-                        self.tokens, ranges[0], ranges[1], q_parts[0], q_parts[1], out,
-                        self.dim, q_blocks,
-                        BLOCK_T=config.block_tokens, BLOCK_Q=block_q, BLOCK_D=self._block_d, D_BLOCKS=self._d_blocks,
-                        num_warps=config.warps, num_stages=config.stages,
-                    )  # fmt: skip
+                    with launch_guard():
+                        _KERNEL[(n_docs * q_blocks,)](
+                            self.tokens, ranges[0], ranges[1], q_parts[0], q_parts[1], out,
+                            self.dim, q_blocks,
+                            BLOCK_T=config.block_tokens, BLOCK_Q=block_q, BLOCK_D=self._block_d, D_BLOCKS=self._d_blocks,
+                            num_warps=config.warps, num_stages=config.stages,
+                        )  # fmt: skip
                     break
                 except _OutOfResources:  # this GPU's shared memory: a shallower pipeline, smaller tiles
                     config = _smaller(config)

@@ -15,7 +15,7 @@ import logging
 import numpy as np
 import torch
 
-from colgrid_server.search._fused import available, tl, triton
+from colgrid_server.search._fused import available, launch_guard, tl, triton
 
 _log = logging.getLogger(__name__)
 
@@ -80,8 +80,9 @@ class FusedCentroidScores:
         ranges = np.zeros((2, -(-docs.shape[0] // 8) * 8), dtype=np.int64)
         ranges[:, : docs.shape[0]] = self._host_ranges[:, docs]
         ranges_t = torch.from_numpy(ranges).to(self.device)
-        _KERNEL[(docs.shape[0],)](self.codes, ranges_t[0], ranges_t[1], padded, out, n_q,
-                                  BLOCK_T=BLOCK_TOKENS, BLOCK_Q=block_q, num_warps=4)  # fmt: skip
+        with launch_guard():
+            _KERNEL[(docs.shape[0],)](self.codes, ranges_t[0], ranges_t[1], padded, out, n_q,
+                                      BLOCK_T=BLOCK_TOKENS, BLOCK_Q=block_q, num_warps=4)  # fmt: skip
         return out
 
 
