@@ -90,3 +90,15 @@ def test_list_replicas_refuses_a_window_that_is_not_a_positive_number(reg: Regis
     with pytest.raises(InvalidValue) as caught:
         reg.list_replicas(live_within_s=window)
     assert caught.value.field == "live_within_s"
+
+
+def test_replicas_silent_for_longer_than_the_window_are_forgotten(reg: Registry) -> None:
+    reg.heartbeat("killed-b", address="b:1", served={"docs": 1})
+    reg.heartbeat("killed-a", address="a:1", served={})
+    time.sleep(0.2)
+    reg.heartbeat("alive", address="c:1", served={"docs": 1})
+    assert reg.forget_stale_replicas(older_than_s=0.1) == ["killed-a", "killed-b"]
+    assert [r.replica_id for r in reg.list_replicas()] == ["alive"]
+    assert reg.forget_stale_replicas(older_than_s=0.1) == []
+    with pytest.raises(InvalidValue, match="older_than_s"):
+        reg.forget_stale_replicas(older_than_s=0)

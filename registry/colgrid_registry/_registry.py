@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -312,6 +313,19 @@ class Registry:
         replica_id = _checks.text(replica_id, "replica_id")
         with self._db.transaction(write=True) as conn:
             return conn.execute("DELETE FROM replicas WHERE replica_id = ?", (replica_id,)).rowcount == 1
+
+    def forget_stale_replicas(self, *, older_than_s: float) -> list[str]:
+        """Drop every replica whose last heartbeat is more than `older_than_s` old (a killed
+        process never removes itself, and pods come and go under new names); their ids, sorted."""
+        window = _checks.positive_seconds(older_than_s, "older_than_s")
+        # Stamps are fixed-width UTC ISO-8601 text: they order as the moments they name.
+        cutoff = _rows.stamp(_rows.now() - timedelta(seconds=window))
+        with self._db.transaction(write=True) as conn:
+            stale = [row["replica_id"] for row in
+                     conn.execute("SELECT replica_id FROM replicas WHERE last_seen < ? ORDER BY replica_id", (cutoff,))]
+            if stale:
+                conn.execute("DELETE FROM replicas WHERE last_seen < ?", (cutoff,))
+        return stale
 
     # -- evaluations -----------------------------------------------------------------------------
 

@@ -32,6 +32,8 @@ class Settings:
     int8_screen: bool = False
     registry_poll_seconds: float = 2.0
     replica_id: str = ""              # empty: host:port+pid (how this server reports to the registry)
+    # Replicas silent this long (killed without leaving) are dropped from the replica list; 0: never.
+    replica_forget_after_seconds: float = 3600.0
     grace_seconds: float = 5.0
     log_level: str = "INFO"
     log_format: str = "text"          # text | json (one JSON object per line, with request ids)
@@ -95,6 +97,9 @@ class Settings:
                 raise InvalidArgument(f"{name} must be at least 1", field=name)
         if self.worker_threads < 1:
             raise InvalidArgument("worker_threads must be at least 1", field="worker_threads")
+        if self.replica_forget_after_seconds < 0:
+            raise InvalidArgument("replica_forget_after_seconds must be 0 (never) or a number of seconds",
+                                  field="replica_forget_after_seconds")
 
 
 def _coerce(name: str, value: Any, kind: type) -> Any:

@@ -145,7 +145,8 @@ async def start_server(settings: Settings) -> RunningServer:
     replica = Replica(registry, state,
                       replica_id=settings.replica_id or default_replica_id(settings.host, port),
                       address=f"{advertised_host(settings.host)}:{port}",
-                      live_within_s=max(LIVE_MIN_SECONDS, LIVE_POLLS * settings.registry_poll_seconds))
+                      live_within_s=max(LIVE_MIN_SECONDS, LIVE_POLLS * settings.registry_poll_seconds),
+                      forget_after_s=settings.replica_forget_after_seconds)
     pb_grpc.add_SearchServiceServicer_to_server(SearchService(state, settings, executor), server)
     pb_grpc.add_EncodeServiceServicer_to_server(EncodeService(state, settings, executor), server)
     pb_grpc.add_RegistryServiceServicer_to_server(RegistryService(state, executor), server)
