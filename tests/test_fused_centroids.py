@@ -8,14 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from colgrid_server.index import open_version
-from colgrid_server.index.testing import SyntheticCorpus, write_synthetic_version
 from colgrid_server.search._candidates import CandidateGenerator
 from colgrid_server.search._fused_centroids import (
     MAX_QUERY_TOKENS,
     FusedCentroidScores,
     fused_centroids_self_check,
 )
+from tests.searcher_checks import synthetic_version
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 LENGTHS = [1, 31, 32, 33, 64, 100, 2, 250]
@@ -62,10 +61,7 @@ def test_the_self_check_passes_on_a_sound_kernel():
 
 @pytest.fixture(scope="module")
 def version(tmp_path_factory):
-    corpus = SyntheticCorpus(24, topics=20, noise=0.25, seed=3)
-    path = tmp_path_factory.mktemp("fused-centroids") / "v"
-    write_synthetic_version(path, corpus.documents(200, max_tokens=60), corpus.encoder)
-    return open_version(path), corpus
+    return synthetic_version(tmp_path_factory, "fused-centroids", seed=3, documents=200, max_tokens=60)
 
 
 def test_the_candidate_generator_ranks_by_the_fused_kernel_as_by_the_float64_reference(version):

@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from colgrid_server.index import open_version
-from colgrid_server.index.testing import SyntheticCorpus, write_synthetic_version
-from colgrid_server.search import SearchParams, Searcher
+from colgrid_server.search import Searcher
 from colgrid_server.search._fused import FusedMaxima, LaunchConfig, available, fused_self_check
+from tests.searcher_checks import assert_answers_as, synthetic_version
 
 # Lengths around the 64-row tile (and a long one spanning many tiles).
 LENGTHS = [1, 2, 63, 64, 65, 128, 200, 1, 300, 17]
@@ -84,10 +83,7 @@ def test_the_self_check_passes_on_a_sound_kernel():
 
 @pytest.fixture(scope="module")
 def version(tmp_path_factory):
-    corpus = SyntheticCorpus(24, topics=20, noise=0.25, seed=2)
-    path = tmp_path_factory.mktemp("fused") / "v"
-    write_synthetic_version(path, corpus.documents(300, max_tokens=80), corpus.encoder)
-    return open_version(path), corpus
+    return synthetic_version(tmp_path_factory, "fused")
 
 
 def test_a_searcher_on_the_fused_kernel_answers_as_the_segment_kernel(version):
@@ -96,17 +92,7 @@ def test_a_searcher_on_the_fused_kernel_answers_as_the_segment_kernel(version):
     assert fused.fused is not None and fused.padded is None and plain.fused is None
     # The default on a GPU; on CPU the screened passes serve, not the interpreter.
     assert (Searcher(loaded).fused is not None) == (loaded.device.type == "cuda")
-    for n in (3, 17, 32):
-        q = corpus.vectors(n)
-        tokens = [f"t{i}" for i in range(n)]
-        for run in ("search", "exhaustive"):
-            got = getattr(fused, run)(q, tokens, SearchParams(k=10, explain=True))
-            want = getattr(plain, run)(q, tokens, SearchParams(k=10, explain=True))
-            assert [h.doc_id for h in got.hits] == [h.doc_id for h in want.hits]
-            np.testing.assert_allclose([h.score for h in got.hits], [h.score for h in want.hits], rtol=1e-5)
-            assert [[m.doc_token_index for m in h.explanation] for h in got.hits] == [
-                [m.doc_token_index for m in h.explanation] for h in want.hits
-            ]
+    assert_answers_as(fused, plain, corpus)
 
 
 def test_a_configuration_too_big_for_the_gpu_shrinks_its_pipeline_then_its_tiles():

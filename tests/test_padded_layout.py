@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from colgrid_server.index import open_version
-from colgrid_server.index.testing import SyntheticCorpus, write_synthetic_version
-from colgrid_server.search import SearchParams, Searcher
+from colgrid_server.search import Searcher
 from colgrid_server.search._padded import LONG_FROM, PaddedDocuments, _split_query, padded_length
+from tests.searcher_checks import assert_answers_as, synthetic_version
 
 DIM = 16
 
@@ -78,24 +77,14 @@ def test_a_float32_query_split_into_two_float16_parts_keeps_float32_accuracy():
 
 @pytest.fixture(scope="module")
 def version(tmp_path_factory):
-    corpus = SyntheticCorpus(24, topics=20, noise=0.25, seed=2)
-    path = tmp_path_factory.mktemp("padded") / "v"
-    write_synthetic_version(path, corpus.documents(300, max_tokens=80), corpus.encoder)
-    return open_version(path), corpus
+    return synthetic_version(tmp_path_factory, "padded")
 
 
 def test_a_searcher_on_the_padded_layout_answers_as_the_segment_kernel(version):
     loaded, corpus = version
     padded, plain = Searcher(loaded, padded=True), Searcher(loaded, padded=False, fast_pass=False)
     assert padded.padded is not None and plain.padded is None and Searcher(loaded).padded is None  # CPU default
-    for n in (3, 17, 32):
-        q = corpus.vectors(n)
-        tokens = [f"t{i}" for i in range(n)]
-        for run in ("search", "exhaustive"):
-            got = getattr(padded, run)(q, tokens, SearchParams(k=10, explain=True))
-            want = getattr(plain, run)(q, tokens, SearchParams(k=10, explain=True))
-            assert [h.doc_id for h in got.hits] == [h.doc_id for h in want.hits]
-            np.testing.assert_allclose([h.score for h in got.hits], [h.score for h in want.hits], rtol=1e-5)
+    assert_answers_as(padded, plain, corpus)
 
 
 def test_closing_a_searcher_frees_its_padded_copy(version):
