@@ -38,6 +38,19 @@ class Scrape:
                    if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
+def settled(port: int, name: str, expected: float, timeout: float = 5.0, at_least: bool = False,
+            **labels: str) -> float:
+    """The value of `name` once it reaches `expected` (or after `timeout`). A call's status reaches
+    the caller a moment before the server's interceptor has counted it, so counts are polled."""
+    reached = (lambda v: v >= expected) if at_least else (lambda v: v == expected)
+    deadline = time.monotonic() + timeout
+    value = Scrape(port).value(name, **labels)
+    while not reached(value) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        value = Scrape(port).value(name, **labels)
+    return value
+
+
 @pytest.fixture(scope="module")
 def metered(served_data_dir: Path):
     port = free_port()
@@ -60,10 +73,11 @@ def test_searches_move_the_call_counter_and_latency_histogram_with_index_and_ver
     before = Scrape(metered.metrics_port)
     for query in ("read a file", "parse json", "sort a list"):
         client.search("docs", query, k=3)
+    counted = before.value("colgrid_requests_total", **labels) + 3
+    assert settled(metered.metrics_port, "colgrid_requests_total", counted, **labels) == counted
+    timed = before.value("colgrid_request_duration_seconds_count", **labels) + 3
+    assert settled(metered.metrics_port, "colgrid_request_duration_seconds_count", timed, **labels) == timed
     after = Scrape(metered.metrics_port)
-    assert after.value("colgrid_requests_total", **labels) - before.value("colgrid_requests_total", **labels) == 3
-    assert (after.value("colgrid_request_duration_seconds_count", **labels)
-            - before.value("colgrid_request_duration_seconds_count", **labels)) == 3
     assert (after.value("colgrid_request_duration_seconds_sum", **labels)
             > before.value("colgrid_request_duration_seconds_sum", **labels))
 
@@ -73,13 +87,7 @@ def test_failed_calls_are_counted_by_status_code_without_index_labels(metered, c
     before = Scrape(metered.metrics_port).value("colgrid_requests_total", **labels)
     with pytest.raises(NotFoundError):
         client.search("no-such-index", "open a file")
-    # A refused call's status reaches the caller a moment before the server's interceptor has
-    # counted it: poll briefly.
-    deadline = time.monotonic() + 5
-    while (Scrape(metered.metrics_port).value("colgrid_requests_total", **labels) - before < 1
-           and time.monotonic() < deadline):
-        time.sleep(0.05)
-    assert Scrape(metered.metrics_port).value("colgrid_requests_total", **labels) - before == 1
+    assert settled(metered.metrics_port, "colgrid_requests_total", before + 1, **labels) == before + 1
 
 
 def test_each_search_answer_counts_toward_its_version_and_role(metered, client):
@@ -96,7 +104,7 @@ def test_a_stream_is_one_call_labelled_with_the_version_it_read(metered, client)
     labels = dict(method=STREAM, code="OK", index="docs", version=version)
     before = Scrape(metered.metrics_port).value("colgrid_requests_total", **labels)
     list(client.search_stream("docs", ["parse json", "sort a list"], k=2))
-    assert Scrape(metered.metrics_port).value("colgrid_requests_total", **labels) - before == 1
+    assert settled(metered.metrics_port, "colgrid_requests_total", before + 1, **labels) == before + 1
 
 
 def test_encode_and_maxsim_times_and_candidates_are_recorded_per_search(metered, client):
@@ -117,10 +125,10 @@ def test_encode_and_maxsim_times_and_candidates_are_recorded_per_search(metered,
 
 def test_queue_gauges_show_the_admission_limit_and_an_idle_server(metered, client):
     client.search("docs", "open a file", k=1)
+    assert settled(metered.metrics_port, "colgrid_in_flight", 0) == 0
     scrape = Scrape(metered.metrics_port)
     assert scrape.value("colgrid_admission_limit") == 2 + 7
     assert scrape.value("colgrid_workers") == 2
-    assert scrape.value("colgrid_in_flight") == 0
     assert scrape.value("colgrid_worker_queue_depth") == 0
     assert scrape.value("colgrid_worker_tasks_completed_total") >= 1
 
@@ -133,8 +141,9 @@ def test_health_checks_are_counted_and_unknown_methods_share_one_series(metered)
         for name in ("A", "B", "C"):
             with pytest.raises(grpc.RpcError):
                 channel.unary_unary(f"/made.up.Service{name}/Call")(b"", timeout=10)
+    health = dict(method="grpc.health.v1.Health/Check", code="OK")
+    assert settled(metered.metrics_port, "colgrid_requests_total", 1, at_least=True, **health) >= 1
     scrape = Scrape(metered.metrics_port)
-    assert scrape.value("colgrid_requests_total", method="grpc.health.v1.Health/Check", code="OK") >= 1
     assert not any("made.up" in s.labels.get("method", "") for s in scrape.samples)
 
 
