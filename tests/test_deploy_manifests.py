@@ -407,6 +407,15 @@ def test_config_map_values_load_as_settings(overlay):
     assert settings.grace_seconds == float(data["COLGRID_GRACE_SECONDS"])
 
 
+def test_the_version_cache_budget_fits_the_data_volume_with_room_to_spare(overlay):
+    _, objects = overlay
+    settings = Settings.load(environ=one(objects, "ConfigMap", "colgrid-config")["data"])
+    (data,) = [v for v in pod_spec(one(objects, "Deployment", "colgrid"))["volumes"] if v["name"] == "data"]
+    size_limit = data["emptyDir"]["sizeLimit"]
+    assert size_limit.endswith("Gi")
+    assert 0 < settings.storage_cache_max_gb <= 0.75 * float(size_limit.removesuffix("Gi"))
+
+
 # ------------------------------------------------------------------------------------ compose
 
 @pytest.fixture(scope="module")

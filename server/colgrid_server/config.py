@@ -55,6 +55,8 @@ class Settings:
     # Object storage: versions under this URL (e.g. s3://bucket/prefix) instead of data_dir.
     storage_url: str = ""
     storage_cache_dir: str = ""       # empty: <data_dir>/cache
+    # Budget of that cache: least recently used copies not loaded here are removed past it (0: no limit).
+    storage_cache_max_gb: float = 0.0
 
     @property
     def registry_location(self) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -103,6 +103,7 @@ class LoadedVersion:
         self.patch_cells: np.ndarray | None = fields.get("patch_cells")
         self.patch_boxes: np.ndarray | None = fields.get("patch_boxes")
         self._closed = False
+        self._close_hooks: list[Callable[[], None]] = []
 
     @property
     def codec(self) -> str:
@@ -179,9 +180,16 @@ class LoadedVersion:
         if self._closed:
             raise FailedPrecondition(f"index version {self.name} has been unloaded")
 
+    def on_close(self, hook: Callable[[], None]) -> None:
+        """Call `hook` once when the version is closed (e.g. to unpin its cached copy)."""
+        self._close_hooks.append(hook)
+
     def close(self) -> None:
         """Release the memory. Searches started afterwards raise FailedPrecondition."""
         self._closed = True
+        hooks, self._close_hooks = self._close_hooks, []
+        for hook in hooks:
+            hook()
         empty = np.empty(0)
         self.store.close()
         self.doc_ids, self.texts, self._metadata_json = [], [], []

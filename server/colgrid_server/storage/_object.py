@@ -26,7 +26,7 @@ from colgrid_server.errors import ColgridError, CorruptVersion, FailedPreconditi
 from colgrid_server.index import MANIFEST_NAME, verify_version
 from colgrid_server.index._manifest import read_manifest, sha256_file, verify_files
 from colgrid_server.storage._base import INDEXES_PREFIX, StorageUnavailable, is_remote_uri
-from colgrid_server.storage._cache import VersionCache
+from colgrid_server.storage._cache import Pin, VersionCache
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -38,12 +38,13 @@ _HINT = "check AWS_ENDPOINT_URL, the credentials and that the bucket exists"
 class ObjectStorage:
     """remote=True. `url`: s3://bucket[/prefix]; `cache_dir`: where fetched versions (and
     versions built here) live on local disk; `filesystem`: an fsspec filesystem to use instead
-    of the one `url` and `storage_options` select."""
+    of the one `url` and `storage_options` select; `cache_max_bytes`: trim the cache to this
+    many bytes after each fetch and publish, least recently used copies first (0: no limit)."""
 
     remote = True
 
     def __init__(self, url: str, cache_dir: Path, storage_options: Mapping[str, Any] | None = None, *,
-                 filesystem: Any = None, transfer_threads: int = TRANSFER_THREADS) -> None:
+                 filesystem: Any = None, transfer_threads: int = TRANSFER_THREADS, cache_max_bytes: int = 0) -> None:
         if not is_remote_uri(url):
             raise InvalidArgument(f"storage_url must be an object-storage URL such as s3://bucket/prefix, "
                                   f"not {url!r}", field="storage_url")
@@ -67,6 +68,10 @@ class ObjectStorage:
         self.cache = VersionCache(Path(cache_dir))
         self._fs = filesystem
         self._threads = max(1, transfer_threads)
+        if cache_max_bytes < 0:
+            raise InvalidArgument(f"the cache budget must be >= 0 bytes (0: no limit), not {cache_max_bytes}",
+                                  field="storage_cache_max_gb")
+        self.cache_max_bytes = cache_max_bytes
 
     def __repr__(self) -> str:
         return f"ObjectStorage({self.url!r}, cache={str(self.cache.root)!r})"
@@ -115,6 +120,7 @@ class ObjectStorage:
         size = sum(entry["size"] for entry in files.values())
         log.info("published %s: %d files, %.1f MB in %.2fs", uri, len(files) + 1, size / 1e6,
                  time.monotonic() - started)
+        self.trim_cache(keep=local_dir)
         return uri
 
     # --- fetch ----------------------------------------------------------------------------------
@@ -125,21 +131,38 @@ class ObjectStorage:
         key = self._key(uri)
         local = self.cache.path_for(uri)
         with self.cache.locked(local):
-            if local.exists():
-                if not refresh and self.cache.usable(local, manifest_sha256):
-                    return local
-                log.warning("cached copy %s of %s is %s: fetching it again", local, uri,
-                            "suspect" if refresh else "damaged or stale")
-                self.cache.discard(local)
-            staged = self.cache.staging(local)
-            try:
-                started = time.monotonic()
-                files = self._download(uri, key, staged, manifest_sha256)
-                self.cache.install(staged, local)
-            finally:
-                shutil.rmtree(staged, ignore_errors=True)
+            self.cache.touch(local)  # the copy being fetched is the newest: the last a trim would take
+            fetched = self._fetch_locked(uri, key, local, manifest_sha256, refresh)
+        self.trim_cache(keep=local)  # outside the lock: a trim takes other copies' locks
+        return fetched
+
+    def _fetch_locked(self, uri: str, key: str, local: Path, manifest_sha256: str | None, refresh: bool) -> Path:
+        if local.exists():
+            if not refresh and self.cache.usable(local, manifest_sha256):
+                return local
+            log.warning("cached copy %s of %s is %s: fetching it again", local, uri,
+                        "suspect" if refresh else "damaged or stale")
+            self.cache.discard(local)
+        staged = self.cache.staging(local)
+        try:
+            started = time.monotonic()
+            files = self._download(uri, key, staged, manifest_sha256)
+            self.cache.install(staged, local)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
         log.info("fetched %s into %s: %d files in %.2fs", uri, local, len(files) + 1, time.monotonic() - started)
         return local
+
+    def pin(self, uri: str) -> Pin | None:
+        """Hold the cached copy of `uri` against trimming until the pin is released (a server
+        pins each version it has loaded); None for a local path."""
+        return self.cache.pin(self.cache.path_for(uri)) if is_remote_uri(uri) else None
+
+    def trim_cache(self, keep: Path | None = None) -> list[Path]:
+        """Bring the cache within its budget (no-op without one); the copies removed."""
+        if not self.cache_max_bytes:
+            return []
+        return self.cache.trim(self.cache_max_bytes, keep=[keep] if keep is not None else [])
 
     def _download(self, uri: str, key: str, staged: Path, manifest_sha256: str | None) -> dict[str, dict[str, Any]]:
         """Every file of the manifest into `staged`, each checked against its size and sha256."""

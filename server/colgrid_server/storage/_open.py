@@ -26,14 +26,35 @@ def storage_for(settings: Settings) -> VersionStorage:
     if not settings.storage_url:
         return LocalStorage(data)
     cache = Path(settings.storage_cache_dir) if settings.storage_cache_dir else data.root / CACHE_DIR_NAME
-    return ObjectStorage(settings.storage_url, cache)
+    return ObjectStorage(settings.storage_url, cache, cache_max_bytes=int(settings.storage_cache_max_gb * 2**30))
 
 
 def open_stored(storage: VersionStorage, uri: str, *, manifest_sha256: str | None = None,
                 device: str | None = None, screen: bool = False) -> LoadedVersion:
     """Fetch (remote: into the cache) and open with every sha256 checked. A cached copy that
     fails the check is fetched once more before the version is refused: the cache may be
-    damaged while the stored version is intact."""
+    damaged while the stored version is intact. A cached copy stays pinned (never trimmed from
+    the cache) until the returned version is closed."""
+    pin = storage.pin(uri) if isinstance(storage, ObjectStorage) else None
+    try:
+        loaded = _open_fetched(storage, uri, manifest_sha256, device, screen)
+    except BaseException:
+        if pin is not None:
+            pin.release()
+        raise
+    if pin is not None:
+        object_storage = storage
+
+        def unpin() -> None:  # an unloaded version's copy becomes the first to go, if over budget
+            pin.release()
+            object_storage.trim_cache()
+
+        loaded.on_close(unpin)
+    return loaded
+
+
+def _open_fetched(storage: VersionStorage, uri: str, manifest_sha256: str | None, device: str | None,
+                  screen: bool) -> LoadedVersion:
     path = storage.fetch(uri, manifest_sha256=manifest_sha256)
     try:
         return open_version(path, verify=True, device=device, screen=screen)
