@@ -89,6 +89,33 @@ def test_a_version_that_fails_to_open_leaves_no_pin_behind(published, tiny_versi
     assert cached(reader) == {"v2"}
 
 
+def test_a_build_in_the_cache_is_not_trimmed_while_it_uploads(s3, url, tiny_version, tmp_path):
+    """A trim that runs mid-upload (another thread unloading a version, say) leaves the build."""
+    import shutil
+
+    trims: list[list[Path]] = []
+
+    class TrimmingMidUpload:
+        def __init__(self, fs):
+            self._fs = fs
+
+        def put_file(self, lpath, rpath, **kwargs):
+            if not trims:
+                trims.append(storage.cache.trim(0))
+            return self._fs.put_file(lpath, rpath, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self._fs, name)
+
+    storage = ObjectStorage(url, tmp_path / "cache", filesystem=TrimmingMidUpload(s3), cache_max_bytes=1)
+    build_dir = storage.build_dir(INDEX, "v1")
+    build_dir.parent.mkdir(parents=True)
+    shutil.copytree(tiny_version, build_dir)
+    uri = storage.publish(build_dir, INDEX, "v1")
+    assert trims == [[]] and files_of(build_dir) == files_of(tiny_version)  # nothing was taken mid-upload
+    assert ObjectStorage(url, tmp_path / "other").verify(uri)
+
+
 PIN_HOLDER = textwrap.dedent("""
     import sys
     from pathlib import Path

@@ -98,7 +98,16 @@ class ObjectStorage:
     # --- publish --------------------------------------------------------------------------------
 
     def publish(self, local_dir: Path, index: str, version: str) -> str:
-        local_dir = Path(local_dir)
+        local_dir = Path(local_dir).resolve()
+        # A build in the cache (build_dir) is pinned while it uploads: no trim may take it.
+        pin = self.cache.pin(local_dir) if local_dir.is_relative_to(self.cache.root) else None
+        try:
+            return self._publish(local_dir, index, version)
+        finally:
+            if pin is not None:
+                pin.release()
+
+    def _publish(self, local_dir: Path, index: str, version: str) -> str:
         files, _ = read_manifest(local_dir)  # CorruptVersion for an unfinished build
         verify_files(local_dir, files, hashes=False)
         uri = self.uri_for(index, version)
@@ -120,7 +129,7 @@ class ObjectStorage:
         size = sum(entry["size"] for entry in files.values())
         log.info("published %s: %d files, %.1f MB in %.2fs", uri, len(files) + 1, size / 1e6,
                  time.monotonic() - started)
-        self.trim_cache(keep=local_dir)
+        self.trim_cache(keep=local_dir)  # the new version is kept: it is about to be served
         return uri
 
     # --- fetch ----------------------------------------------------------------------------------
