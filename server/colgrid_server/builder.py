@@ -21,7 +21,7 @@ from colgrid_server.index import VersionSummary, build_version
 from colgrid_server.ingest import SourceError, SourceItem
 from colgrid_server.interrupted import builder_identity
 from colgrid_server.paths import DataDir
-from colgrid_server.storage import LocalStorage, VersionStorage
+from colgrid_server.storage import LocalStorage, ObjectStorage, VersionStorage
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +136,8 @@ def _registered_build(data: DataDir, registry: Registry, name: str, encoder: Any
     try:
         local_dir = storage.build_dir(name, record.version)
         summary, errors = write(local_dir)
+        if isinstance(storage, ObjectStorage) and (encoder_path := getattr(encoder, "path", None)) is not None:
+            storage.publish_encoder(Path(encoder_path))  # first: servers elsewhere load the version with it
         uri = storage.publish(local_dir, name, record.version)
     except BaseException as exc:
         _discard(storage, storage.uri_for(name, record.version))

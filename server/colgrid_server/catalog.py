@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from colgrid_server.encoders import encoder_id, load_any_encoder
@@ -13,11 +14,15 @@ log = logging.getLogger(__name__)
 
 
 class EncoderCatalog:
-    """Maps encoder ids to directories under `root` and keeps loaded sessions, one per id."""
+    """Maps encoder ids to directories under `root` and keeps loaded sessions, one per id.
+    `fetch(id, root)`, when given, brings an encoder that is not under root there (from object
+    storage: ObjectStorage.fetch_encoder) and returns its directory."""
 
-    def __init__(self, root: Path, *, threads: int | None = None) -> None:
+    def __init__(self, root: Path, *, threads: int | None = None,
+                 fetch: Callable[[str, Path], Path] | None = None) -> None:
         self._root = root
         self._threads = threads
+        self._fetch = fetch
         self._paths: dict[str, Path] = {}
         self._loaded: dict[str, object] = {}
         self._lock = threading.Lock()
@@ -45,11 +50,16 @@ class EncoderCatalog:
         with self._lock:
             if ident not in self._paths:
                 self._scan()
-            if ident not in self._paths:
-                raise NotFound(f"encoder {ident[:16]}… is not in this server's encoders directory; export it "
-                               "(`colgrid encoder export`) or copy its directory into <data dir>/encoders",
-                               resource_type="encoder", resource_name=ident)
-            return self._paths[ident]
+            found = self._paths.get(ident)
+        if found is not None:
+            return found
+        if self._fetch is None:
+            raise NotFound(f"encoder {ident[:16]}… is not in this server's encoders directory; export it "
+                           "(`colgrid encoder export`) or copy its directory into <data dir>/encoders",
+                           resource_type="encoder", resource_name=ident)
+        path = self._fetch(ident, self._root)  # outside the lock: a download must not stall other lookups
+        with self._lock:
+            return self._paths.setdefault(ident, path)
 
     def get(self, ident: str):
         """The loaded encoder for `ident`, text or multimodal by its kind (loaded once, then shared)."""

@@ -135,6 +135,18 @@ def cmd_encoder_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_encoder_publish(args: argparse.Namespace) -> int:
+    from colgrid_server.storage import ObjectStorage, storage_for
+
+    storage = storage_for(_settings(args))
+    if not isinstance(storage, ObjectStorage):
+        print("colgrid encoder publish: set COLGRID_STORAGE_URL (s3://bucket/prefix) to the object storage "
+              "your servers read", file=sys.stderr)
+        return 2
+    print(f"{args.path} -> {storage.publish_encoder(Path(args.path))}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------- index verbs
 
 def cmd_index_build(args: argparse.Namespace) -> int:
@@ -355,6 +367,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = enc.add_parser("info", help="print an encoder dir's spec and id", description="Print encoder.json and the id.")
     p.add_argument("path")
     p.set_defaults(fn=cmd_encoder_info)
+    p = enc.add_parser("publish", help="upload an encoder dir to object storage (COLGRID_STORAGE_URL)",
+                       description="Upload an encoder directory to the object storage in COLGRID_STORAGE_URL, "
+                                   "where servers fetch the encoders their versions pin (builds publish theirs "
+                                   "on their own). A no-op when that encoder is already there.")
+    p.add_argument("path")
+    p.add_argument("--data-dir", help="data directory (default ./data or $COLGRID_DATA_DIR)")
+    p.set_defaults(fn=cmd_encoder_publish)
 
     idx = verbs.add_parser("index", help="build and verify index versions").add_subparsers(
         dest="index_verb", required=True, metavar="VERB")

@@ -34,7 +34,7 @@ from colgrid_server.service.ingest_rpc import IngestService
 from colgrid_server.service.registry_rpc import RegistryService
 from colgrid_server.service.rollout_rpc import RolloutService
 from colgrid_server.service.search_rpc import SearchService
-from colgrid_server.storage import storage_for
+from colgrid_server.storage import ObjectStorage, storage_for
 
 log = logging.getLogger(__name__)
 SERVICE_NAMES = tuple(pb.DESCRIPTOR.services_by_name[name].full_name
@@ -119,10 +119,12 @@ async def start_server(settings: Settings) -> RunningServer:
     data = DataDir(settings.data_dir)
     data.root.mkdir(parents=True, exist_ok=True)
     registry = open_registry(settings.registry_location)
-    catalog = EncoderCatalog(data.encoders, threads=settings.encoder_threads or None)
+    storage = storage_for(settings)
+    # With object storage, encoders the data dir lacks are fetched from it like versions.
+    catalog = EncoderCatalog(data.encoders, threads=settings.encoder_threads or None,
+                             fetch=storage.fetch_encoder if isinstance(storage, ObjectStorage) else None)
     device = None if settings.device == "auto" else settings.device
-    state = ServingState(registry, catalog, device=device, storage=storage_for(settings),
-                         screen=settings.int8_screen)
+    state = ServingState(registry, catalog, device=device, storage=storage, screen=settings.int8_screen)
     executor = WorkerPool(settings.worker_threads, thread_name_prefix="colgrid-work")
     # Registry polls, version loads and rollout changes run here, never queued behind searches
     # (and a slow version load never occupies a search worker).

@@ -1,13 +1,16 @@
 """The contract every version store meets, and the names shared by its backends."""
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from colgrid_server.errors import FailedPrecondition
+from colgrid_server.errors import ColgridError, FailedPrecondition
 
 # Under a store's root, versions live where they do under a data dir: indexes/<index>/<version>.
 INDEXES_PREFIX = "indexes"
+HINT = "check AWS_ENDPOINT_URL, the credentials and that the bucket exists"
 
 
 class StorageUnavailable(FailedPrecondition):
@@ -64,3 +67,18 @@ class VersionStorage(Protocol):
     def delete(self, uri: str) -> None:
         """Remove the version (manifest first, so a half-deleted version is never complete)."""
         ...
+
+
+@contextmanager
+def remote_errors(uri: str, action: str) -> Iterator[None]:
+    """Anything the filesystem raises (network, credentials, throttling) as StorageUnavailable;
+    colgrid's own errors pass through."""
+    try:
+        yield
+    except ColgridError:
+        raise
+    except FileNotFoundError as exc:
+        raise StorageUnavailable(f"object storage: cannot {action} {uri}: {exc}; {HINT}", version_path=uri) from exc
+    except Exception as exc:  # noqa: BLE001 - s3fs/botocore raise many types; callers see one
+        raise StorageUnavailable(f"object storage: cannot {action} {uri}: {type(exc).__name__}: {exc}; {HINT}",
+                                 version_path=uri) from exc

@@ -16,26 +16,25 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from colgrid_server.errors import ColgridError, CorruptVersion, FailedPrecondition, InvalidArgument, NotFound
+from colgrid_server.errors import CorruptVersion, FailedPrecondition, InvalidArgument, NotFound
 from colgrid_server.index import MANIFEST_NAME, verify_version
 from colgrid_server.index._manifest import read_manifest, sha256_file, verify_files
-from colgrid_server.storage._base import INDEXES_PREFIX, StorageUnavailable, is_remote_uri
+from colgrid_server.storage._base import HINT, INDEXES_PREFIX, StorageUnavailable, is_remote_uri, remote_errors
 from colgrid_server.storage._cache import Pin, VersionCache
+from colgrid_server.storage._encoder_objects import EncoderObjects
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 TRANSFER_THREADS = 8  # objects moved at once: latency-bound per object, so a few in flight
 _READ_BYTES = 4 << 20
-_HINT = "check AWS_ENDPOINT_URL, the credentials and that the bucket exists"
 
 
-class ObjectStorage:
+class ObjectStorage(EncoderObjects):
     """remote=True. `url`: s3://bucket[/prefix]; `cache_dir`: where fetched versions (and
     versions built here) live on local disk; `filesystem`: an fsspec filesystem to use instead
     of the one `url` and `storage_options` select; `cache_max_bytes`: trim the cache to this
@@ -113,13 +112,13 @@ class ObjectStorage:
         uri = self.uri_for(index, version)
         key = self._key(uri)
         started = time.monotonic()
-        with _remote_errors(uri, "publish to"):
+        with remote_errors(uri, "publish to"):
             if self._fs.exists(f"{key}/{MANIFEST_NAME}"):
                 raise FailedPrecondition(f"index version {uri} already exists; published versions are immutable")
             if self._listing(key):  # an interrupted earlier attempt: start from nothing
                 self._remove(key)
         try:
-            with _remote_errors(uri, "upload to"):
+            with remote_errors(uri, "upload to"):
                 self._each(sorted(files), lambda rel: self._fs.put_file(str(local_dir / rel), f"{key}/{rel}"))
                 self._check_listing(uri, key, files)
                 self._fs.put_file(str(local_dir / MANIFEST_NAME), f"{key}/{MANIFEST_NAME}")
@@ -190,7 +189,7 @@ class ObjectStorage:
                 raise _corrupt(uri, f"object {rel} listed in manifest.json is missing") from None
             _check_file(uri, rel, files[rel], target.stat().st_size, lambda: sha256_file(target))
 
-        with _remote_errors(uri, "download"):
+        with remote_errors(uri, "download"):
             self._each(sorted(files), get)
         return files
 
@@ -209,7 +208,7 @@ class ObjectStorage:
             size, digest = self._stream_hash(f"{key}/{rel}")
             _check_file(uri, rel, files[rel], size, lambda: digest)
 
-        with _remote_errors(uri, "verify"):
+        with remote_errors(uri, "verify"):
             self._check_listing(uri, key, files)
             self._each(sorted(files), check)
         return sha
@@ -218,7 +217,7 @@ class ObjectStorage:
         if not is_remote_uri(uri):
             return Path(uri).exists()
         key = self._key(uri)
-        with _remote_errors(uri, "list"):
+        with remote_errors(uri, "list"):
             return bool(self._listing(key))
 
     def delete(self, uri: str) -> None:
@@ -229,7 +228,7 @@ class ObjectStorage:
             LocalStorage().delete(uri)
             return
         key = self._key(uri)
-        with _remote_errors(uri, "delete"):
+        with remote_errors(uri, "delete"):
             self._remove(key)
         local = self.cache.path_for(uri)
         with self.cache.locked(local):
@@ -238,7 +237,7 @@ class ObjectStorage:
     # --- helpers --------------------------------------------------------------------------------
 
     def _manifest_bytes(self, uri: str, key: str) -> bytes:
-        with _remote_errors(uri, "read"):
+        with remote_errors(uri, "read"):
             try:
                 return self._fs.cat_file(f"{key}/{MANIFEST_NAME}")
             except FileNotFoundError:
@@ -246,7 +245,7 @@ class ObjectStorage:
                 self._fs.invalidate_cache(bucket)
                 if not self._fs.exists(bucket):
                     raise StorageUnavailable(f"object storage: bucket {self.scheme}://{bucket} does not exist "
-                                             f"(reading {uri}); {_HINT}", version_path=uri) from None
+                                             f"(reading {uri}); {HINT}", version_path=uri) from None
                 if not self._listing(key):
                     raise NotFound(f"index version {uri} does not exist", resource_type="index version",
                                    resource_name=uri) from None
@@ -328,18 +327,3 @@ def _check_file(uri: str, rel: str, entry: Mapping[str, Any], size: int, digest:
 
 def _corrupt(uri: str, what: str) -> CorruptVersion:
     return CorruptVersion(f"index version {uri}: {what}", version_path=uri)
-
-
-@contextmanager
-def _remote_errors(uri: str, action: str) -> Iterator[None]:
-    """Anything the filesystem raises (network, credentials, throttling) as StorageUnavailable;
-    colgrid's own errors pass through."""
-    try:
-        yield
-    except ColgridError:
-        raise
-    except FileNotFoundError as exc:
-        raise StorageUnavailable(f"object storage: cannot {action} {uri}: {exc}; {_HINT}", version_path=uri) from exc
-    except Exception as exc:  # noqa: BLE001 - s3fs/botocore raise many types; callers see one
-        raise StorageUnavailable(f"object storage: cannot {action} {uri}: {type(exc).__name__}: {exc}; {_HINT}",
-                                 version_path=uri) from exc
