@@ -94,21 +94,49 @@ def auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
     return ((AUTHORIZATION_KEY, f"Bearer {key}"),)
 
 
+_UNSET: Any = object()
+_inject: Any = _UNSET
+
+
+def trace_metadata() -> tuple[tuple[str, str], ...]:
+    """The caller's current trace as W3C `traceparent` (and `tracestate`, baggage) metadata, so a
+    server with tracing on continues it; () without opentelemetry-api or a current span."""
+    global _inject
+    if _inject is _UNSET:  # resolved once: a failed import is slow to repeat on every call
+        try:
+            from opentelemetry.propagate import inject
+        except ImportError:
+            inject = None
+        _inject = inject
+    if _inject is None:
+        return ()
+    carrier: dict[str, str] = {}
+    _inject(carrier)
+    return tuple(carrier.items())
+
+
+def _tracing_available() -> bool:
+    trace_metadata()
+    return _inject is not None
+
+
 class _CallDetails(collections.namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials",
                                                              "wait_for_ready", "compression")),
                    grpc.ClientCallDetails):
     pass
 
 
-class _SyncAuth(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
-                grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
-    """Adds the API key to every call on a blocking channel, streams included."""
+class _SyncMetadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                    grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds the API key and the caller's trace context to every call on a blocking channel,
+    streams included."""
 
     def __init__(self, extra: tuple[tuple[str, str], ...]) -> None:
         self._extra = extra
 
     def _details(self, details: grpc.ClientCallDetails) -> _CallDetails:
-        return _CallDetails(details.method, details.timeout, (*(details.metadata or ()), *self._extra),
+        return _CallDetails(details.method, details.timeout,
+                            (*(details.metadata or ()), *self._extra, *trace_metadata()),
                             details.credentials, getattr(details, "wait_for_ready", None),
                             getattr(details, "compression", None))
 
@@ -130,38 +158,38 @@ def sync_channel(target: str, credentials: grpc.ChannelCredentials | None,
     channel = (grpc.secure_channel(target, credentials, options=options) if credentials
                else grpc.insecure_channel(target, options=options))
     extra = auth_metadata(api_key)
-    return grpc.intercept_channel(channel, _SyncAuth(extra)) if extra else channel
+    return grpc.intercept_channel(channel, _SyncMetadata(extra)) if extra or _tracing_available() else channel
 
 
-class _AioAuth:
-    """Adds the API key to every call on a grpc.aio channel, which takes one interceptor per
-    call shape (the four subclasses below)."""
+class _AioMetadata:
+    """Adds the API key and the caller's trace context to every call on a grpc.aio channel,
+    which takes one interceptor per call shape (the four subclasses below)."""
 
     def __init__(self, extra: tuple[tuple[str, str], ...]) -> None:
         self._extra = extra
 
     def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        metadata = grpc.aio.Metadata(*tuple(details.metadata or ()), *self._extra)
+        metadata = grpc.aio.Metadata(*tuple(details.metadata or ()), *self._extra, *trace_metadata())
         return grpc.aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials,
                                           details.wait_for_ready)
 
 
-class _AioUnaryUnaryAuth(_AioAuth, grpc.aio.UnaryUnaryClientInterceptor):
+class _AioUnaryUnaryMetadata(_AioMetadata, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation, client_call_details, request):
         return await continuation(self._details(client_call_details), request)
 
 
-class _AioUnaryStreamAuth(_AioAuth, grpc.aio.UnaryStreamClientInterceptor):
+class _AioUnaryStreamMetadata(_AioMetadata, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation, client_call_details, request):
         return await continuation(self._details(client_call_details), request)
 
 
-class _AioStreamUnaryAuth(_AioAuth, grpc.aio.StreamUnaryClientInterceptor):
+class _AioStreamUnaryMetadata(_AioMetadata, grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
         return await continuation(self._details(client_call_details), request_iterator)
 
 
-class _AioStreamStreamAuth(_AioAuth, grpc.aio.StreamStreamClientInterceptor):
+class _AioStreamStreamMetadata(_AioMetadata, grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
         return await continuation(self._details(client_call_details), request_iterator)
 
@@ -169,8 +197,9 @@ class _AioStreamStreamAuth(_AioAuth, grpc.aio.StreamStreamClientInterceptor):
 def aio_channel(target: str, credentials: grpc.ChannelCredentials | None,
                 options: list[tuple[str, Any]], api_key: str | None) -> grpc.aio.Channel:
     extra = auth_metadata(api_key)
-    interceptors = ([kind(extra) for kind in (_AioUnaryUnaryAuth, _AioUnaryStreamAuth, _AioStreamUnaryAuth,
-                                              _AioStreamStreamAuth)] if extra else None)
+    interceptors = ([kind(extra) for kind in (_AioUnaryUnaryMetadata, _AioUnaryStreamMetadata,
+                                              _AioStreamUnaryMetadata, _AioStreamStreamMetadata)]
+                    if extra or _tracing_available() else None)
     if credentials:
         return grpc.aio.secure_channel(target, credentials, options=options, interceptors=interceptors)
     return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)

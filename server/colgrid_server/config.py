@@ -45,6 +45,10 @@ class Settings:
     # Observability: Prometheus metrics over HTTP on this port (0: off).
     metrics_port: int = 0
     metrics_host: str = "localhost"
+    # Traces over OTLP/gRPC to this collector (e.g. http://otel-collector:4317; empty: off).
+    otel_endpoint: str = ""
+    otel_service_name: str = "colgrid"
+    otel_sample_ratio: float = 1.0    # of traces the server starts; a caller's sampled trace is always kept
     # Backpressure: requests waiting for a worker beyond this are RESOURCE_EXHAUSTED.
     max_queued_requests: int = 256
     # Ingestion limits (per ingest stream / build input).

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import socket
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,7 +24,7 @@ from colgrid_server.catalog import EncoderCatalog
 from colgrid_server.config import Settings
 from colgrid_server.errors import FailedPrecondition
 from colgrid_server.interrupted import collect_interrupted
-from colgrid_server.observability import Metrics, WorkerPool, request_id
+from colgrid_server.observability import Metrics, Tracing, WorkerPool, request_id
 from colgrid_server.paths import DataDir
 from colgrid_server.security import Gate, bind, guard_interceptors, startup_warnings
 from colgrid_server.serving import Replica, ServingState, default_replica_id
@@ -67,6 +69,7 @@ class RunningServer:
     admin_executor: ThreadPoolExecutor
     settings: Settings
     metrics: Metrics | None = None  # the HTTP exporter, when metrics_port is set
+    tracing: Tracing | None = None  # the OTLP exporter, when otel_endpoint is set
     _watcher: asyncio.Task | None = field(default=None, repr=False)
 
     async def refresh(self) -> bool:
@@ -108,6 +111,8 @@ class RunningServer:
         self.admin_executor.shutdown(wait=True, cancel_futures=True)
         if self.metrics is not None:
             self.metrics.close()
+        if self.tracing is not None:
+            self.tracing.close()
         self.replica.forget()  # a replica that stopped on purpose is not waited for
         self.state.close()
         self.state.registry.close()
@@ -135,9 +140,12 @@ async def start_server(settings: Settings) -> RunningServer:
     # admission so unauthenticated callers never take a place in the queue.
     gate = Gate.for_settings(settings)
     metrics = Metrics(executor, gate) if settings.metrics_port else None
+    tracing = (Tracing(settings.otel_endpoint, service_name=settings.otel_service_name,
+                       instance=settings.replica_id or f"{socket.gethostname()}:{os.getpid()}",
+                       sample_ratio=settings.otel_sample_ratio) if settings.otel_endpoint else None)
     # Malformed protobuf requests become INVALID_ARGUMENT (outermost: it replaces the parser).
-    interceptors = [MalformedRequestInterceptor(), RequestIdInterceptor(), *([metrics.interceptor] if metrics else []),
-                    *guard_interceptors(settings, gate)]
+    interceptors = [MalformedRequestInterceptor(), RequestIdInterceptor(), *([tracing.interceptor] if tracing else []),
+                    *([metrics.interceptor] if metrics else []), *guard_interceptors(settings, gate)]
     server = grpc.aio.server(interceptors=interceptors, options=options)
     port = bind(server, settings)  # TLS when tls_cert/tls_key are set
     if port == 0 and settings.port != 0:
@@ -174,7 +182,7 @@ async def start_server(settings: Settings) -> RunningServer:
                     interrupted.reason, len(interrupted.removed))
     running = RunningServer(server=server, port=port, state=state, replica=replica, health=health,
                             executor=executor, admin_executor=admin_executor, settings=settings,
-                            metrics=metrics)
+                            metrics=metrics, tracing=tracing)
     if not await running.refresh():
         log.warning("some indexes could not be loaded; serving the rest")
     running._watcher = asyncio.create_task(running._watch())

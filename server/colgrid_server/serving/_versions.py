@@ -18,6 +18,7 @@ import numpy as np
 from colgrid_registry import VersionRecord, VersionState
 from colgrid_server.errors import ColgridError, FailedPrecondition
 from colgrid_server.index import EncoderRef, LoadedVersion, is_external, open_version
+from colgrid_server.observability import _tracing as tracing
 from colgrid_server.search import SearchParams, SearchResult, Searcher
 from colgrid_server.storage import VersionStorage, open_stored
 
@@ -134,15 +135,26 @@ class ServedVersion:
     def search(self, query: Query) -> Answer:
         """Encode (text) with this version's encoder, then search this version only."""
         started = time.perf_counter()
+        where = {"index": self.index, "version": self.version}
         if query.vectors is not None:
             vectors: np.ndarray = query.vectors
             tokens: Sequence[str] = [f"q{i}" for i in range(vectors.shape[0])]
         else:
-            encoded = self.encoder.encode_queries([query.text])[0]
+            with tracing.span("encode query", **where, encoder=self.encoder_id[:16]):
+                encoded = self.encoder.encode_queries([query.text])[0]
             vectors, tokens = encoded.vectors, encoded.tokens
         encode_ms = (time.perf_counter() - started) * 1000
         run = self.searcher.exhaustive if query.exhaustive else self.searcher.search
-        result = run(vectors, tokens, query.params)
+        with tracing.span("search", **where, exhaustive=query.exhaustive, k=query.params.k, nprobe=query.params.nprobe,
+                          n_candidates=query.params.n_candidates) as span:
+            search_started = tracing.now_ns()
+            result = run(vectors, tokens, query.params)
+            if span is not None:
+                stats = result.stats
+                span.set_attribute("colgrid.candidates", stats.candidates)
+                span.set_attribute("colgrid.query_tokens", stats.query_tokens)
+                tracing.stage_spans([("candidates", stats.candidates_ms), ("maxsim", stats.maxsim_ms)],
+                                    search_started, **where)
         return Answer(result=result, encode_ms=encode_ms, total_ms=(time.perf_counter() - started) * 1000)
 
     def __repr__(self) -> str:
