@@ -171,6 +171,12 @@ class LoadedVersion:
             return None
         return self.path / name
 
+    @property
+    def metadata_json(self) -> list[str]:
+        """Every document's metadata as stored (one JSON object text per document)."""
+        self.require_open()
+        return self._metadata_json
+
     def metadata(self, doc_index: int) -> dict[str, Any]:
         """The document's metadata object (parsed on demand: only hits need it)."""
         self.require_open()

@@ -10,6 +10,7 @@ from colgrid_server.search._explain import (
     find_document,
     render_explanation_png,
 )
+from colgrid_server.search._filters import DocumentFilter, FieldCondition, parse_filter
 from colgrid_server.search._maxsim import (
     DEFAULT_BLOCK_TOKENS,
     Explanation,
@@ -33,6 +34,9 @@ from colgrid_server.search._searcher import Searcher
 __all__ = [
     "DEFAULT_ALPHA",
     "DocumentExplanation",
+    "DocumentFilter",
+    "FieldCondition",
+    "parse_filter",
     "check_alpha",
     "explain_document",
     "find_document",

@@ -44,9 +44,13 @@ class CandidateGenerator:
             if fused or fused_centroids_self_check(scorer, self._centroids, self.code_offsets):
                 self.fused = scorer
 
-    def __call__(self, query: np.ndarray, nprobe: int, n_candidates: int) -> np.ndarray:
-        """Ascending indices of at most n_candidates documents to score exactly."""
+    def __call__(self, query: np.ndarray, nprobe: int, n_candidates: int,
+                 allowed: np.ndarray | None = None) -> np.ndarray:
+        """Ascending indices of at most n_candidates documents to score exactly; with allowed
+        (bool per document), only documents it permits."""
         docs = self.probe(query, nprobe)
+        if allowed is not None:
+            docs = docs[allowed[docs]]
         if docs.shape[0] <= n_candidates:
             return docs
         scores = self.centroid_scores(query, docs).cpu().numpy()

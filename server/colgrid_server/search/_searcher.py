@@ -16,6 +16,7 @@ from colgrid_server.errors import InvalidArgument
 from colgrid_server.index import DenseTokens, LoadedVersion, TokenStore
 from colgrid_server.search._batched import ExactRequest, batched_exact_top_k, segment_maxima
 from colgrid_server.search._candidates import CandidateGenerator
+from colgrid_server.search._filters import DocumentFilter, FilterIndex
 from colgrid_server.search._maxsim import (
     DEFAULT_BLOCK_TOKENS,
     bf16_error_bound,
@@ -42,6 +43,10 @@ DEFAULT_SEARCH_THREADS = 1
 # On a GPU a block is one kernel launch sequence and its host-side layout: big blocks amortise
 # both (2^18 x 128 fp32 similarities for 32 query tokens is 32 MB of device memory).
 GPU_BLOCK_TOKENS = 1 << 18
+# Filtered search: up to this many permitted documents per requested candidate are scored
+# exactly, all of them; beyond, probing widens (x4) at most this many times to find k.
+EXACT_FILTERED_PER_CANDIDATE = 2
+FILTER_PROBE_WIDENINGS = 3
 # Concurrent searches batched into one exact pass (GPU): at most this many, a leader waiting at
 # most this long for companions (Triton's max queue delay; far below a search's own latency).
 MAX_QUERY_BATCH = 16
@@ -87,6 +92,7 @@ class Searcher:
         self.threads = threads
         self.fast_pass = version.device.type == "cpu" if fast_pass is None else fast_pass
         self._candidates = CandidateGenerator(version, block_tokens=block_tokens, fused=fused)
+        self.filters = FilterIndex(version)
         self.padded: PaddedDocuments | None = None
         self.fused: FusedMaxima | None = None
         store = version.store
@@ -125,26 +131,55 @@ class Searcher:
         if self.padded is not None:
             self.padded.close()
 
-    def search(self, query_vectors: np.ndarray, query_tokens: Sequence[str], params: SearchParams) -> SearchResult:
-        """Approximate candidates (nprobe, n_candidates), exact MaxSim on them."""
+    def search(self, query_vectors: np.ndarray, query_tokens: Sequence[str], params: SearchParams,
+               where: DocumentFilter | None = None) -> SearchResult:
+        """Approximate candidates (nprobe, n_candidates), exact MaxSim on them; with `where`,
+        among the documents it permits only."""
         query = self._check_query(query_vectors, query_tokens)
         with _intra_op_threads(self.threads):
             started = time.perf_counter()
+            allowed = self._allowed(where)
             self._enter()
             try:
-                candidates = self._candidates(query, params.nprobe, params.n_candidates)
+                if allowed is None:
+                    candidates = self._candidates(query, params.nprobe, params.n_candidates)
+                else:
+                    candidates = self._filtered_candidates(query, params, allowed)
             except BaseException:
                 self._leave()
                 raise
             return self._finish(query, query_tokens, params, candidates, started)
 
-    def exhaustive(self, query_vectors: np.ndarray, query_tokens: Sequence[str], params: SearchParams) -> SearchResult:
-        """Exact MaxSim over every document: the reference the approximate search is measured by."""
+    def exhaustive(self, query_vectors: np.ndarray, query_tokens: Sequence[str], params: SearchParams,
+                   where: DocumentFilter | None = None) -> SearchResult:
+        """Exact MaxSim over every document (that `where` permits): the reference the approximate
+        search is measured by."""
         query = self._check_query(query_vectors, query_tokens)
         with _intra_op_threads(self.threads):
             started = time.perf_counter()
+            allowed = self._allowed(where)
+            docs = np.arange(self.version.documents) if allowed is None else np.flatnonzero(allowed)
             self._enter()
-            return self._finish(query, query_tokens, params, np.arange(self.version.documents), started)
+            return self._finish(query, query_tokens, params, docs, started)
+
+    def _allowed(self, where: DocumentFilter | None) -> np.ndarray | None:
+        return None if where is None or where.empty else self.filters.mask(where)
+
+    def _filtered_candidates(self, query: np.ndarray, params: SearchParams, allowed: np.ndarray) -> np.ndarray:
+        """Few permitted documents: all of them, scored exactly (no candidate can be missed, and
+        it costs about what candidate generation would). Many: the usual candidates among them,
+        probing more centroids while fewer than k turn up (a filter can exclude the query's
+        neighbourhood), and every permitted document once that is exhausted."""
+        permitted = np.flatnonzero(allowed)
+        if permitted.shape[0] <= EXACT_FILTERED_PER_CANDIDATE * params.n_candidates:
+            return permitted
+        nprobe = params.nprobe
+        for _ in range(FILTER_PROBE_WIDENINGS + 1):
+            docs = self._candidates(query, nprobe, params.n_candidates, allowed)
+            if docs.shape[0] >= params.k or nprobe >= self.version.centroid_count:
+                return docs
+            nprobe *= 4
+        return permitted
 
     def _finish(
         self, query: np.ndarray, query_tokens: Sequence[str], params: SearchParams, candidates: np.ndarray, started: float
