@@ -187,6 +187,12 @@ def test_version_state_from_a_newer_server_reads_as_unspecified() -> None:
     assert convert.from_version_state(99) is VersionState.UNSPECIFIED
 
 
+def test_a_filter_dict_survives_the_trip_to_protobuf_and_back() -> None:
+    spec = {"lang": "en", "tags": ["a", 2.0, True], "year": {"gte": 2020.0, "lt": 2025.0},
+            "draft": {"not": True}, "score": {"not": {"lte": 0.5}}}
+    assert convert.from_filter(convert.to_filter(spec, ["d1", "d2"])) == (spec, ["d1", "d2"])
+
+
 def test_every_colgrid_message_has_a_builder_or_a_converter() -> None:
     for name in pb.DESCRIPTOR.message_types_by_name:
         snake = re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()

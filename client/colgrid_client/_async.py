@@ -47,21 +47,25 @@ class AsyncClient:
     async def search(self, index: str, query: str = "", k: int = 10, *, explain: bool = False,
                      nprobe: int = 0, n_candidates: int = 0, routing_key: str = "",
                      query_vectors: Any = None, exhaustive: bool = False,
+                     filter: Mapping[str, Any] | None = None,  # noqa: A002 - the API's word
+                     doc_ids: Sequence[str] | None = None,
                      timeout: float | None = None) -> SearchResult:
         """See `Client.search`."""
         return await self._unary(base.search(index, query, k, explain, nprobe, n_candidates,
-                                             routing_key, query_vectors, exhaustive), timeout)
+                                             routing_key, query_vectors, exhaustive, filter, doc_ids), timeout)
 
     def search_stream(self, index: str,
                       queries: Iterable[str | Mapping[str, Any]]
                       | AsyncIterable[str | Mapping[str, Any]], *,
                       k: int = 10, explain: bool = False, nprobe: int = 0, n_candidates: int = 0,
                       routing_key: str = "", exhaustive: bool = False,
+                      filter: Mapping[str, Any] | None = None,  # noqa: A002 - the API's word
+                      doc_ids: Sequence[str] | None = None,
                       timeout: float | None = None) -> AsyncIterator[SearchResult]:
         """See `Client.search_stream`; `async for` over the results. `queries` may be async."""
         stream = base.SearchStream(index, dict(k=k, explain=explain, nprobe=nprobe,
                                                n_candidates=n_candidates, routing_key=routing_key,
-                                               exhaustive=exhaustive))
+                                               exhaustive=exhaustive, filter=filter, doc_ids=doc_ids))
         return self._stream(stream, queries, timeout)
 
     async def _stream(self, stream: base.SearchStream, queries: Any,

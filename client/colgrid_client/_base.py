@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -289,12 +289,14 @@ class Call(Generic[T]):
 # --- The calls, one builder per public method --------------------------------------------------
 
 def search(index: str, query: str, k: int, explain: bool, nprobe: int, n_candidates: int,
-           routing_key: str, query_vectors: Any, exhaustive: bool) -> Call[SearchResult]:
+           routing_key: str, query_vectors: Any, exhaustive: bool,
+           filter: Mapping[str, Any] | None = None,  # noqa: A002 - the API's word
+           doc_ids: Sequence[str] | None = None) -> Call[SearchResult]:
     request_id = new_request_id()
     request = convert.search_request(index, query, k=k, explain=explain, nprobe=nprobe,
                                      n_candidates=n_candidates, routing_key=routing_key,
                                      query_vectors=query_vectors, exhaustive=exhaustive,
-                                     request_id=request_id)
+                                     request_id=request_id, filter=filter, doc_ids=doc_ids)
     return Call("search", "Search", request,
                 lambda r: convert.from_search_response(r, request_id), request_id)
 

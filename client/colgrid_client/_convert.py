@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import sys
 from array import array
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from google.protobuf import struct_pb2
@@ -27,7 +27,8 @@ _LITTLE_ENDIAN = sys.byteorder == "little"
 _UINT32_MAX = 2**32 - 1
 # Search knobs a stream query given as a dict may set (the index is fixed for the stream).
 STREAM_QUERY_KEYS = frozenset({"query", "query_vectors", "k", "explain", "nprobe", "n_candidates",
-                               "routing_key", "exhaustive", "request_id"})
+                               "routing_key", "exhaustive", "request_id", "filter", "doc_ids"})
+RANGE_KEYS = ("gte", "gt", "lte", "lt")
 
 
 def invalid(field: str, message: str) -> InvalidArgumentError:
@@ -105,7 +106,8 @@ def from_multi_vector(message: pb.MultiVector) -> Matrix:
 def search_request(index: str, query: str = "", *, k: int = 10, explain: bool = False,
                    nprobe: int = 0, n_candidates: int = 0, routing_key: str = "",
                    query_vectors: Any = None, exhaustive: bool = False,
-                   request_id: str = "") -> pb.SearchRequest:
+                   request_id: str = "", filter: Mapping[str, Any] | None = None,  # noqa: A002 - the API's word
+                   doc_ids: Sequence[str] | None = None) -> pb.SearchRequest:
     # The knobs are proto3 `optional`: 0 here means "server default", so leave them unset.
     # None is accepted as "default" too, for callers forwarding optional settings.
     knobs = {name: value for name, value in (("k", _uint("k", k or 0)), ("nprobe", _uint("nprobe", nprobe or 0)),
@@ -117,7 +119,59 @@ def search_request(index: str, query: str = "", *, k: int = 10, explain: bool = 
         routing_key=_text("routing_key", routing_key), exhaustive=bool(exhaustive))
     if query_vectors is not None:
         request.query_vectors.CopyFrom(to_multi_vector(query_vectors))
+    if filter or doc_ids:
+        request.filter.CopyFrom(to_filter(filter or {}, doc_ids or ()))
     return request
+
+
+def to_filter(spec: Mapping[str, Any], doc_ids: Sequence[str] = ()) -> pb.Filter:
+    """{"field": value | [values] | {"gte": .., "lt": ..} | {"not": value | [values] | range}}
+    (all must hold; dots reach nested metadata) and document ids, as a pb.Filter."""
+    if not isinstance(spec, Mapping):
+        raise invalid("filter", f"filter must be a dict of metadata fields, got {type(spec).__name__}")
+    if isinstance(doc_ids, str) or not all(isinstance(d, str) for d in doc_ids):
+        raise invalid("doc_ids", "doc_ids must be a list of document id strings")
+    out = pb.Filter(doc_ids=list(doc_ids))
+    for field, condition in spec.items():
+        negate = isinstance(condition, Mapping) and set(condition) == {"not"}
+        if negate:
+            condition = condition["not"]
+        c = out.must.add(field=_text("filter", field), negate=negate)
+        if isinstance(condition, Mapping):
+            unknown = set(condition) - set(RANGE_KEYS)
+            if unknown:
+                raise invalid("filter", f"filter field {field!r}: unknown keys {sorted(unknown)}; "
+                                        f"use {', '.join(RANGE_KEYS)} or not")
+            for name, bound in condition.items():
+                if isinstance(bound, bool) or not isinstance(bound, (int, float)):
+                    raise invalid("filter", f"filter field {field!r}: {name} must be a number, got {bound!r}")
+                setattr(c, name, float(bound))
+            continue
+        for value in condition if isinstance(condition, (list, tuple)) else [condition]:
+            if isinstance(value, bool):
+                c.any_of.add(bool_value=value)
+            elif isinstance(value, (int, float)):
+                c.any_of.add(number_value=float(value))
+            elif isinstance(value, str):
+                c.any_of.add(string_value=value)
+            else:
+                raise invalid("filter", f"filter field {field!r}: {value!r} is not a string, number or boolean")
+    return out
+
+
+def from_field_condition(c: pb.FieldCondition) -> tuple[str, Any]:
+    """(field, its form in a `filter` dict): the inverse of what to_filter sends."""
+    if c.any_of:
+        values = [getattr(v, v.WhichOneof("kind")) if v.WhichOneof("kind") else None for v in c.any_of]
+        spec: Any = values[0] if len(values) == 1 else values
+    else:
+        spec = {name: getattr(c, name) for name in RANGE_KEYS if c.HasField(name)}
+    return c.field, {"not": spec} if c.negate else spec
+
+
+def from_filter(f: pb.Filter) -> tuple[dict[str, Any], list[str]]:
+    """(filter dict, doc_ids) of a pb.Filter (a field named twice keeps its last condition)."""
+    return dict(from_field_condition(c) for c in f.must), list(f.doc_ids)
 
 
 def stream_search_request(index: str, query: str | Mapping[str, Any], defaults: Mapping[str, Any],

@@ -55,26 +55,36 @@ class Client:
     def search(self, index: str, query: str = "", k: int = 10, *, explain: bool = False,
                nprobe: int = 0, n_candidates: int = 0, routing_key: str = "",
                query_vectors: Any = None, exhaustive: bool = False,
+               filter: Mapping[str, Any] | None = None,  # noqa: A002 - the API's word
+               doc_ids: Sequence[str] | None = None,
                timeout: float | None = None) -> SearchResult:
         """Top-k documents of `index` (an alias) for `query` text, or for `query_vectors`
-        (a Matrix, list of rows, or numpy/torch matrix) computed elsewhere. 0 = server default."""
+        (a Matrix, list of rows, or numpy/torch matrix) computed elsewhere. 0 = server default.
+
+        filter: only documents whose metadata satisfies every entry:
+        {"lang": "en"} (equals), {"tags": ["a", "b"]} (one of; a list field matches on any
+        element), {"year": {"gte": 2020, "lt": 2025}} (numeric range), {"draft": {"not": True}}
+        (negation; documents without the field pass), {"source.site": ...} (nested keys).
+        doc_ids: only these documents."""
         return self._unary(base.search(index, query, k, explain, nprobe, n_candidates,
-                                       routing_key, query_vectors, exhaustive), timeout)
+                                       routing_key, query_vectors, exhaustive, filter, doc_ids), timeout)
 
     def search_stream(self, index: str, queries: Iterable[str | Mapping[str, Any]], *,
                       k: int = 10, explain: bool = False, nprobe: int = 0, n_candidates: int = 0,
                       routing_key: str = "", exhaustive: bool = False,
+                      filter: Mapping[str, Any] | None = None,  # noqa: A002 - the API's word
+                      doc_ids: Sequence[str] | None = None,
                       timeout: float | None = None) -> Iterator[SearchResult]:
         """Many queries over one bidirectional stream; results come back in query order.
 
         A query is a string, or a dict overriding the keyword knobs for that query (keys:
         query, query_vectors, k, explain, nprobe, n_candidates, routing_key, exhaustive,
-        request_id). The server resolves the alias once, so every result has the same version.
+        filter, doc_ids, request_id). The server resolves the alias once, so every result has the same version.
         Each result's `request_id` is the one given, else "<stream id>-<position>".
         """
         stream = base.SearchStream(index, dict(k=k, explain=explain, nprobe=nprobe,
                                                n_candidates=n_candidates, routing_key=routing_key,
-                                               exhaustive=exhaustive))
+                                               exhaustive=exhaustive, filter=filter, doc_ids=doc_ids))
         return self._stream(stream, queries, timeout)
 
     def _stream(self, stream: base.SearchStream, queries: Iterable[Any],

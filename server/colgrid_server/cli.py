@@ -278,9 +278,18 @@ def cmd_registry_show(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------- client verbs
 
 def cmd_search(args: argparse.Namespace) -> int:
+    where = None
+    if args.filter:
+        try:
+            where = json.loads(args.filter)
+        except json.JSONDecodeError as exc:
+            print(f"colgrid search: --filter is not JSON ({exc.msg} at character {exc.pos}): "
+                  """pass an object such as '{"lang": "en", "year": {"gte": 2020}}'""", file=sys.stderr)
+            return 2
     with connect(args) as client:
         result = client.search(args.index, args.query, k=args.k, explain=args.explain,
-                               nprobe=args.nprobe, n_candidates=args.n_candidates)
+                               nprobe=args.nprobe, n_candidates=args.n_candidates,
+                               filter=where, doc_ids=args.doc_id or None)
     if args.json:
         print(json.dumps(_result_json(result), indent=2))
         return 0
@@ -436,6 +445,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--explain", action="store_true", help="show which document token each query token matched")
     p.add_argument("--nprobe", type=int)
     p.add_argument("--n-candidates", type=int)
+    p.add_argument("--filter", metavar="JSON",
+                   help="""only documents whose metadata matches, e.g. '{"lang": "en", "tags": ["a", "b"], """
+                        """"year": {"gte": 2020}, "draft": {"not": true}}'""")
+    p.add_argument("--doc-id", action="append", metavar="ID", help="only this document (repeat for several)")
     p.add_argument("--json", action="store_true")
     client_opts(p)
     p.set_defaults(fn=cmd_search)

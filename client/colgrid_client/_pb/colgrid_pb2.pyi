@@ -39,7 +39,7 @@ class MultiVector(_message.Message):
     def __init__(self, rows: _Optional[int] = ..., dim: _Optional[int] = ..., data: _Optional[bytes] = ..., tokens: _Optional[_Iterable[str]] = ..., span_starts: _Optional[_Iterable[int]] = ..., span_ends: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("index", "query", "k", "nprobe", "n_candidates", "explain", "request_id", "routing_key", "query_vectors", "exhaustive")
+    __slots__ = ("index", "query", "k", "nprobe", "n_candidates", "explain", "request_id", "routing_key", "query_vectors", "exhaustive", "filter")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     QUERY_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +50,7 @@ class SearchRequest(_message.Message):
     ROUTING_KEY_FIELD_NUMBER: _ClassVar[int]
     QUERY_VECTORS_FIELD_NUMBER: _ClassVar[int]
     EXHAUSTIVE_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
     index: str
     query: str
     k: int
@@ -60,7 +61,34 @@ class SearchRequest(_message.Message):
     routing_key: str
     query_vectors: MultiVector
     exhaustive: bool
-    def __init__(self, index: _Optional[str] = ..., query: _Optional[str] = ..., k: _Optional[int] = ..., nprobe: _Optional[int] = ..., n_candidates: _Optional[int] = ..., explain: _Optional[bool] = ..., request_id: _Optional[str] = ..., routing_key: _Optional[str] = ..., query_vectors: _Optional[_Union[MultiVector, _Mapping]] = ..., exhaustive: _Optional[bool] = ...) -> None: ...
+    filter: Filter
+    def __init__(self, index: _Optional[str] = ..., query: _Optional[str] = ..., k: _Optional[int] = ..., nprobe: _Optional[int] = ..., n_candidates: _Optional[int] = ..., explain: _Optional[bool] = ..., request_id: _Optional[str] = ..., routing_key: _Optional[str] = ..., query_vectors: _Optional[_Union[MultiVector, _Mapping]] = ..., exhaustive: _Optional[bool] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ...) -> None: ...
+
+class Filter(_message.Message):
+    __slots__ = ("must", "doc_ids")
+    MUST_FIELD_NUMBER: _ClassVar[int]
+    DOC_IDS_FIELD_NUMBER: _ClassVar[int]
+    must: _containers.RepeatedCompositeFieldContainer[FieldCondition]
+    doc_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, must: _Optional[_Iterable[_Union[FieldCondition, _Mapping]]] = ..., doc_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class FieldCondition(_message.Message):
+    __slots__ = ("field", "any_of", "gte", "gt", "lte", "lt", "negate")
+    FIELD_FIELD_NUMBER: _ClassVar[int]
+    ANY_OF_FIELD_NUMBER: _ClassVar[int]
+    GTE_FIELD_NUMBER: _ClassVar[int]
+    GT_FIELD_NUMBER: _ClassVar[int]
+    LTE_FIELD_NUMBER: _ClassVar[int]
+    LT_FIELD_NUMBER: _ClassVar[int]
+    NEGATE_FIELD_NUMBER: _ClassVar[int]
+    field: str
+    any_of: _containers.RepeatedCompositeFieldContainer[_struct_pb2.Value]
+    gte: float
+    gt: float
+    lte: float
+    lt: float
+    negate: bool
+    def __init__(self, field: _Optional[str] = ..., any_of: _Optional[_Iterable[_Union[_struct_pb2.Value, _Mapping]]] = ..., gte: _Optional[float] = ..., gt: _Optional[float] = ..., lte: _Optional[float] = ..., lt: _Optional[float] = ..., negate: _Optional[bool] = ...) -> None: ...
 
 class TokenMatch(_message.Message):
     __slots__ = ("query_index", "query_token", "doc_token_index", "doc_token", "start", "end", "similarity", "share", "patch", "pooled")

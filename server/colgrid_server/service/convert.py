@@ -16,7 +16,7 @@ from colgrid_registry import AuditEntry, IndexRecord, Rollout, VersionRecord, Ve
 from colgrid_server.encoders.types import EncodedText
 from colgrid_server.errors import InvalidArgument
 from colgrid_server.evaluation import Evaluation, JudgedQuery, PromotePolicy
-from colgrid_server.search import Hit, PatchRef, SearchResult, TokenMatch
+from colgrid_server.search import DocumentFilter, FieldCondition, Hit, PatchRef, SearchResult, TokenMatch
 from colgrid_server.serving import Acknowledgements, LoadFailure, ShadowStats, VersionUse
 
 _STATE = {
@@ -49,6 +49,24 @@ def matrix_from_pb(mv: pb.MultiVector, *, field: str, expected_dim: int) -> np.n
     if not np.isfinite(arr).all():
         raise InvalidArgument(f"{field} contains NaN or infinite values", field=f"{field}.data")
     return arr
+
+
+def filter_from_pb(f: pb.Filter) -> DocumentFilter | None:
+    """The domain filter of a request (None when it sets nothing); InvalidArgument names the
+    condition at fault."""
+    conditions = []
+    for position, c in enumerate(f.must):
+        values = []
+        for value in c.any_of:
+            kind = value.WhichOneof("kind")
+            if kind not in ("string_value", "number_value", "bool_value"):
+                raise InvalidArgument(f"filter.must[{position}].any_of holds a {kind or 'unset value'}; "
+                                      "use strings, numbers or booleans", field=f"filter.must[{position}].any_of")
+            values.append(getattr(value, kind))
+        bounds = {name: getattr(c, name) for name in ("gte", "gt", "lte", "lt") if c.HasField(name)}
+        conditions.append(FieldCondition(field=c.field, any_of=tuple(values), negate=c.negate, **bounds))
+    spec = DocumentFilter(must=tuple(conditions), doc_ids=tuple(f.doc_ids))
+    return None if spec.empty else spec
 
 
 def multivector(encoded: EncodedText) -> pb.MultiVector:

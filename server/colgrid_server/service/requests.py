@@ -8,7 +8,7 @@ from colgrid_server.config import Settings
 from colgrid_server.errors import InvalidArgument, ResourceExhausted
 from colgrid_server.search import SearchParams
 from colgrid_server.serving import Query
-from colgrid_server.service.convert import matrix_from_pb
+from colgrid_server.service.convert import filter_from_pb, matrix_from_pb
 
 
 def index_name(name: str, *, field: str = "index") -> str:
@@ -54,9 +54,10 @@ def query_vectors(req: pb.SearchRequest, dim: int) -> np.ndarray:
 def query(req: pb.SearchRequest, settings: Settings, *, dim: int) -> Query:
     """The domain query of a search request; `dim` is the answering version's encoder dim."""
     params = search_params(req, settings)
+    where = filter_from_pb(req.filter) if req.HasField("filter") else None
     if req.HasField("query_vectors"):
-        return Query(params=params, vectors=query_vectors(req, dim), exhaustive=req.exhaustive)
-    return Query(params=params, text=query_text(req, settings), exhaustive=req.exhaustive)
+        return Query(params=params, vectors=query_vectors(req, dim), exhaustive=req.exhaustive, where=where)
+    return Query(params=params, text=query_text(req, settings), exhaustive=req.exhaustive, where=where)
 
 
 def encode_texts(texts: list[str], settings: Settings, *, field: str = "texts") -> list[str]:

@@ -19,7 +19,7 @@ from colgrid_registry import VersionRecord, VersionState
 from colgrid_server.errors import ColgridError, FailedPrecondition
 from colgrid_server.index import EncoderRef, LoadedVersion, is_external, open_version
 from colgrid_server.observability import _tracing as tracing
-from colgrid_server.search import SearchParams, SearchResult, Searcher
+from colgrid_server.search import DocumentFilter, SearchParams, SearchResult, Searcher
 from colgrid_server.storage import VersionStorage, open_stored
 
 # The checks a version passes before traffic may reach it, in the order they run.
@@ -49,6 +49,7 @@ class Query:
     text: str | None = None
     vectors: np.ndarray | None = field(default=None, compare=False, repr=False)
     exhaustive: bool = False
+    where: DocumentFilter | None = None  # only documents it permits
 
 
 @dataclass(frozen=True)
@@ -148,8 +149,9 @@ class ServedVersion:
         with tracing.span("search", **where, exhaustive=query.exhaustive, k=query.params.k, nprobe=query.params.nprobe,
                           n_candidates=query.params.n_candidates) as span:
             search_started = tracing.now_ns()
-            result = run(vectors, tokens, query.params)
+            result = run(vectors, tokens, query.params, query.where)
             if span is not None:
+                span.set_attribute("colgrid.filtered", query.where is not None)
                 stats = result.stats
                 span.set_attribute("colgrid.candidates", stats.candidates)
                 span.set_attribute("colgrid.query_tokens", stats.query_tokens)
