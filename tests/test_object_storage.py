@@ -93,16 +93,19 @@ class RecordingFS:
     """A real S3 filesystem that records the uploads and downloads made through it, and can
     fail (raise) or stall after a number of uploads, as a network or a dying process would."""
 
-    def __init__(self, fs, *, fail_after: int | None = None) -> None:
+    def __init__(self, fs, *, fail_after: int | None = None, failing: str = "") -> None:
+        """fail_after counts (and fails) only uploads whose key contains `failing`."""
         self._fs = fs
         self.fail_after = fail_after
+        self.failing = failing
         self.puts: list[str] = []
         self.gets: list[str] = []
         self._lock = threading.Lock()
 
     def put_file(self, lpath, rpath, **kwargs):
         with self._lock:
-            if self.fail_after is not None and len(self.puts) >= self.fail_after:
+            counted = [p for p in self.puts if self.failing in p]
+            if self.fail_after is not None and self.failing in rpath and len(counted) >= self.fail_after:
                 raise ConnectionResetError("connection reset by peer (injected)")
             self.puts.append(rpath)
         return self._fs.put_file(lpath, rpath, **kwargs)
@@ -397,7 +400,7 @@ def test_colgrid_index_verify_checks_versions_on_object_storage(built, monkeypat
 def test_a_build_failing_mid_publish_is_failed_and_leaves_no_manifest_on_storage(
         s3, url, tmp_path, shared_data_dir, encoder_dir, stdlib_documents):
     link_encoders(tmp_path, shared_data_dir)
-    storage = ObjectStorage(url, tmp_path / "cache", filesystem=RecordingFS(s3, fail_after=3))
+    storage = ObjectStorage(url, tmp_path / "cache", filesystem=RecordingFS(s3, fail_after=3, failing="/indexes/"))
     with open_registry(DataDir(tmp_path).registry_file) as registry:
         with pytest.raises(StorageUnavailable, match="injected"):
             build_index(DataDir(tmp_path), registry, INDEX, stdlib_documents[:20], progress=False,
@@ -422,11 +425,11 @@ KILLED_BUILD = textwrap.dedent("""
 
     data_dir, url, marker = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
 
-    class Stalling:  # uploads three objects, then stalls: the test kills the process here
+    class Stalling:  # uploads three objects of the version, then stalls: the test kills the process here
         def __init__(self, fs):
             self._fs, self._puts = fs, 0
         def put_file(self, lpath, rpath, **kwargs):
-            self._puts += 1
+            self._puts += "/indexes/" in rpath  # the encoder's objects go first
             if self._puts > 3:
                 marker.touch()
                 time.sleep(600)

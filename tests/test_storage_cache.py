@@ -107,7 +107,8 @@ def test_a_build_in_the_cache_is_not_trimmed_while_it_uploads(s3, url, tiny_vers
         def __getattr__(self, name):
             return getattr(self._fs, name)
 
-    storage = ObjectStorage(url, tmp_path / "cache", filesystem=TrimmingMidUpload(s3), cache_max_bytes=1)
+    storage = ObjectStorage(url, tmp_path / "cache", filesystem=TrimmingMidUpload(s3), cache_max_bytes=1,
+                            transfer_threads=1)  # one upload at a time: the first one trims
     build_dir = storage.build_dir(INDEX, "v1")
     build_dir.parent.mkdir(parents=True)
     shutil.copytree(tiny_version, build_dir)
