@@ -180,7 +180,14 @@ class VersionCache:
 
 
 def _tree_bytes(path: Path) -> int:
-    return sum(os.path.getsize(os.path.join(top, f)) for top, _, files in os.walk(path) for f in files)
+    total = 0
+    for top, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.path.getsize(os.path.join(top, name))
+            except FileNotFoundError:  # removed meanwhile (another process trimming)
+                continue
+    return total
 
 
 def _last_used(path: Path) -> float:

@@ -167,10 +167,15 @@ class ObjectStorage(EncoderObjects):
         return self.cache.pin(self.cache.path_for(uri)) if is_remote_uri(uri) else None
 
     def trim_cache(self, keep: Path | None = None) -> list[Path]:
-        """Bring the cache within its budget (no-op without one); the copies removed."""
+        """Bring the cache within its budget (no-op without one); the copies removed. Never
+        raises: a failed trim must not fail the fetch or publish that asked for it."""
         if not self.cache_max_bytes:
             return []
-        return self.cache.trim(self.cache_max_bytes, keep=[keep] if keep is not None else [])
+        try:
+            return self.cache.trim(self.cache_max_bytes, keep=[keep] if keep is not None else [])
+        except OSError as exc:
+            log.warning("could not trim the version cache %s: %s", self.cache.root, exc)
+            return []
 
     def _download(self, uri: str, key: str, staged: Path, manifest_sha256: str | None) -> dict[str, dict[str, Any]]:
         """Every file of the manifest into `staged`, each checked against its size and sha256."""
