@@ -172,3 +172,17 @@ def test_the_json_form_reads_values_lists_ranges_and_negations():
         parse_filter({"year": {"between": [1, 2]}})
     with pytest.raises(InvalidArgument, match="JSON object"):
         parse_filter(["lang"])  # type: ignore[arg-type]
+
+
+def test_field_indexes_are_kept_for_the_most_recently_used_fields_only(corpus_and_searcher, monkeypatch):
+    from colgrid_server.search import _filters
+
+    _, searcher = corpus_and_searcher
+    monkeypatch.setattr(_filters, "MAX_INDEXED_FIELDS", 2)
+    index = _filters.FilterIndex(searcher.version)
+    for name in ("lang", "even", "lang", "score"):
+        index.mask(DocumentFilter(must=(FieldCondition(name, any_of=(1,)),)))
+    assert index.indexed_fields == ["lang", "score"]
+    want = np.array([reference(CONDITIONS[4], metadata_of(i)) for i in range(DOCUMENTS)])
+    np.testing.assert_array_equal(index.mask(DocumentFilter(must=(CONDITIONS[4],))), want)  # "even", rebuilt
+    assert index.indexed_fields == ["score", "even"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,9 @@ from colgrid_server.errors import InvalidArgument
 MAX_CONDITIONS = 64
 MAX_VALUES = 10_000  # per condition, and document ids per filter
 MAX_FIELD_CHARS = 256
+# Field indexes kept per version; past this the least recently used is dropped (rebuilt on
+# demand), so filters over ever new fields cannot grow memory without bound.
+MAX_INDEXED_FIELDS = 64
 
 
 @dataclass(frozen=True)
@@ -122,7 +126,7 @@ class FilterIndex:
     def __init__(self, version: Any) -> None:
         self._version = version
         self.documents = int(version.documents)
-        self._fields: dict[str, _FieldIndex] = {}
+        self._fields: OrderedDict[str, _FieldIndex] = OrderedDict()
         self._positions: dict[str, int] | None = None
         self._lock = threading.Lock()
 
@@ -163,7 +167,16 @@ class FilterIndex:
             found = self._fields.get(name)
             if found is None:
                 found = self._fields[name] = self._build(name)
+                while len(self._fields) > MAX_INDEXED_FIELDS:
+                    self._fields.popitem(last=False)
+            else:
+                self._fields.move_to_end(name)
             return found
+
+    @property
+    def indexed_fields(self) -> list[str]:
+        with self._lock:
+            return list(self._fields)
 
     def _build(self, name: str) -> _FieldIndex:
         self._version.require_open()
