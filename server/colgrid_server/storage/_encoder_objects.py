@@ -53,9 +53,6 @@ class EncoderObjects:
     def _each(self, items: Iterable[_T], work: Callable[[_T], None]) -> None:
         raise NotImplementedError
 
-    def _remove_quietly(self, uri: str, key: str) -> None:
-        raise NotImplementedError
-
     def encoder_uri(self, ident: str) -> str:
         if not re.fullmatch(r"[0-9a-f]{64}", ident):
             raise NotFound(f"{ident!r} is not an encoder id (64 hex digits)", resource_type="encoder",
@@ -77,13 +74,12 @@ class EncoderObjects:
         body = json.dumps({"format": ENCODER_MANIFEST_FORMAT, "encoder_id": ident, "name": directory.name,
                            "files": files}, indent=1, sort_keys=True).encode()
         started = time.monotonic()
-        try:
-            with remote_errors(uri, "upload to"):
-                self._each(sorted(files), lambda rel: fs.put_file(str(directory / rel), f"{key}/{FILES_DIR}/{rel}"))
-                fs.pipe_file(f"{key}/{MANIFEST_NAME}", body)
-        except BaseException:
-            self._remove_quietly(uri, key)
-            raise
+        # A failed upload is left as it is, never removed: without its manifest it is never
+        # fetched, the next publish overwrites it, and another builder may be uploading the very
+        # same encoder (same id, same bytes) under it at this moment.
+        with remote_errors(uri, "upload to"):
+            self._each(sorted(files), lambda rel: fs.put_file(str(directory / rel), f"{key}/{FILES_DIR}/{rel}"))
+            fs.pipe_file(f"{key}/{MANIFEST_NAME}", body)
         log.info("published encoder %s (%s): %d files, %.1f MB in %.2fs", directory.name, uri, len(files),
                  sum(e["size"] for e in files.values()) / 1e6, time.monotonic() - started)
         return uri
