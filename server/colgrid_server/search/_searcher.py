@@ -44,7 +44,7 @@ DEFAULT_SEARCH_THREADS = 1
 # both (2^18 x 128 fp32 similarities for 32 query tokens is 32 MB of device memory).
 GPU_BLOCK_TOKENS = 1 << 18
 # Filtered search: up to this many permitted documents per requested candidate are scored
-# exactly, all of them; beyond, probing widens (x4) at most this many times to find k.
+# exactly, all of them; beyond, probing widens (x2) at most this many times to find n_candidates.
 EXACT_FILTERED_PER_CANDIDATE = 2
 FILTER_PROBE_WIDENINGS = 3
 # Concurrent searches batched into one exact pass (GPU): at most this many, a leader waiting at
@@ -168,18 +168,20 @@ class Searcher:
     def _filtered_candidates(self, query: np.ndarray, params: SearchParams, allowed: np.ndarray) -> np.ndarray:
         """Few permitted documents: all of them, scored exactly (no candidate can be missed, and
         it costs about what candidate generation would). Many: the usual candidates among them,
-        probing more centroids while fewer than k turn up (a filter can exclude the query's
-        neighbourhood), and every permitted document once that is exhausted."""
+        probing twice as many centroids while fewer than n_candidates turn up (the filter thins
+        the probed lists; it can even exclude the query's neighbourhood), and every permitted
+        document if even then fewer than k did."""
         permitted = np.flatnonzero(allowed)
         if permitted.shape[0] <= EXACT_FILTERED_PER_CANDIDATE * params.n_candidates:
             return permitted
         nprobe = params.nprobe
-        for _ in range(FILTER_PROBE_WIDENINGS + 1):
+        docs = self._candidates(query, nprobe, params.n_candidates, allowed)
+        for _ in range(FILTER_PROBE_WIDENINGS):
+            if docs.shape[0] >= params.n_candidates or nprobe >= self.version.centroid_count:
+                break
+            nprobe *= 2
             docs = self._candidates(query, nprobe, params.n_candidates, allowed)
-            if docs.shape[0] >= params.k or nprobe >= self.version.centroid_count:
-                return docs
-            nprobe *= 4
-        return permitted
+        return docs if docs.shape[0] >= params.k else permitted
 
     def _finish(
         self, query: np.ndarray, query_tokens: Sequence[str], params: SearchParams, candidates: np.ndarray, started: float
