@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,13 @@ from tests.conftest import link_encoders, start_live_server, stop_live_server
 from tests.test_object_storage import INDEX, files_of, new_bucket, s3, s3_server, tiny_version, url  # noqa: F401
 
 VERSIONS = ("v1", "v2", "v3")
+
+
+def wait_until(predicate, what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.02)
 
 
 def copy_bytes(version_dir: Path) -> int:
@@ -73,8 +81,8 @@ def test_a_loaded_version_is_never_trimmed_and_its_copy_goes_once_it_is_closed(p
     reader.fetch(v2)
     assert cached(reader) == {"v1", "v2"}  # over budget: v1 is in use
     assert loaded.documents == 60 and loaded.path == reader.build_dir(INDEX, "v1")
-    loaded.close()  # unpins and trims: v1 is now the least recently used copy
-    assert cached(reader) == {"v2"}
+    loaded.close()  # unpins and trims (in the background): v1 is now the least recently used copy
+    wait_until(lambda: cached(reader) == {"v2"}, "the closed version's copy is removed")
 
 
 def test_a_version_that_fails_to_open_leaves_no_pin_behind(published, tiny_version, tmp_path):
@@ -190,9 +198,10 @@ def test_a_server_moving_to_a_new_version_drops_the_old_copy_once_unloaded(
             assert {c.path.name for c in cache.copies()} == set(versions[:2])
             client.set_stable(INDEX, versions[2])
             assert client.search(INDEX, "parse json", k=3).version == versions[2]
-            assert {c.path.name for c in cache.copies()} == set(versions[1:])
+            wait_until(lambda: {c.path.name for c in cache.copies()} == set(versions[1:]), "v1's copy is removed")
             client.set_stable(INDEX, versions[0])  # back to a version whose copy was removed: fetched again
             assert client.search(INDEX, "parse json", k=3).version == versions[0]
-            assert {c.path.name for c in cache.copies()} == {versions[2], versions[0]}
+            wait_until(lambda: {c.path.name for c in cache.copies()} == {versions[2], versions[0]},
+                       "v2's copy is removed")
     finally:
         stop_live_server(server, thread)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -47,7 +48,10 @@ def open_stored(storage: VersionStorage, uri: str, *, manifest_sha256: str | Non
 
         def unpin() -> None:  # an unloaded version's copy becomes the first to go, if over budget
             pin.release()
-            object_storage.trim_cache()
+            if object_storage.cache_max_bytes:
+                # Not on the caller's thread: the last lease often ends on a search worker, and
+                # removing a copy of gigabytes takes a while.
+                threading.Thread(target=object_storage.trim_cache, name="colgrid-cache-trim", daemon=True).start()
 
         loaded.on_close(unpin)
     return loaded
