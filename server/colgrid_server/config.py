@@ -49,6 +49,9 @@ class Settings:
     otel_endpoint: str = ""
     otel_service_name: str = "colgrid"
     otel_sample_ratio: float = 1.0    # of traces the server starts; a caller's sampled trace is always kept
+    # This share of searches is run again exhaustively in the background, and recall@k of the
+    # answer that went out against it is exported (colgrid_sampled_recall); 0: off.
+    recall_sample_rate: float = 0.0
     # Backpressure: requests waiting for a worker beyond this are RESOURCE_EXHAUSTED.
     max_queued_requests: int = 256
     # Ingestion limits (per ingest stream / build input).
@@ -106,6 +109,9 @@ class Settings:
         if self.replica_forget_after_seconds < 0:
             raise InvalidArgument("replica_forget_after_seconds must be 0 (never) or a number of seconds",
                                   field="replica_forget_after_seconds")
+        for name in ("otel_sample_ratio", "recall_sample_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise InvalidArgument(f"{name} must be within [0, 1], not {getattr(self, name)}", field=name)
 
 
 def _coerce(name: str, value: Any, kind: type) -> Any:

@@ -64,7 +64,8 @@ class _Gate(Protocol):
 class Metrics:
     """The instruments of one server, and its HTTP exporter once `serve` is called."""
 
-    def __init__(self, pool: _Pool | None = None, gate: _Gate | None = None) -> None:
+    def __init__(self, pool: _Pool | None = None, gate: _Gate | None = None, recall: _Comparisons | None = None) -> None:
+        """recall: the server's recall sampler (ServingState.recall), read when scraped."""
         self.registry = CollectorRegistry(auto_describe=True)
         call = ("method", "code", "index", "version")
         self.requests = Counter("colgrid_requests", "Finished calls by method and status code (index and "
@@ -84,6 +85,8 @@ class Metrics:
                                     version, buckets=CANDIDATE_BUCKETS, registry=self.registry)
         if pool is not None or gate is not None:
             self.registry.register(_QueueCollector(pool, gate))
+        if recall is not None:
+            self.registry.register(_RecallCollector(recall))
         self.interceptor = MetricsInterceptor(self)
         self._http: Any = None
         self._thread: threading.Thread | None = None
@@ -199,6 +202,36 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             finally:
                 metrics.observe_call(method, final_code(context, error), time.perf_counter() - started, *labels)
         return unary_out
+
+
+class _Comparisons(Protocol):
+    def stats(self, index: str | None = None) -> list[Any]: ...
+
+
+class _RecallCollector(Collector):
+    """Sampled recall per served version: answers that went out against the same query run
+    exhaustively on the same version (ShadowStats with shadow == primary)."""
+
+    def __init__(self, recall: _Comparisons) -> None:
+        self._recall = recall
+
+    def collect(self) -> Iterator[Any]:
+        stats = self._recall.stats()
+        recall = GaugeMetricFamily("colgrid_sampled_recall", "Mean recall@k of sampled searches against exhaustive "
+                                   "exact MaxSim on the same version (k as requested).", labels=["index", "version"])
+        samples = CounterMetricFamily("colgrid_recall_samples", "Searches rerun exhaustively to measure recall.",
+                                      labels=["index", "version"])
+        shed = CounterMetricFamily("colgrid_recall_samples_dropped", "Recall samples shed because the sampler was "
+                                   "busy.", labels=["index", "version"])
+        for s in stats:
+            labels = [s.index, s.primary]
+            if s.compared:
+                recall.add_metric(labels, s.mean_overlap)
+            samples.add_metric(labels, s.compared)
+            shed.add_metric(labels, s.dropped)
+        yield recall
+        yield samples
+        yield shed
 
 
 class _QueueCollector(Collector):

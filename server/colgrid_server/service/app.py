@@ -139,7 +139,7 @@ async def start_server(settings: Settings) -> RunningServer:
     # Metrics sit outside the guards so refused calls are counted; auth refuses before
     # admission so unauthenticated callers never take a place in the queue.
     gate = Gate.for_settings(settings)
-    metrics = Metrics(executor, gate) if settings.metrics_port else None
+    metrics = Metrics(executor, gate, recall=state.recall) if settings.metrics_port else None
     tracing = (Tracing(settings.otel_endpoint, service_name=settings.otel_service_name,
                        instance=settings.replica_id or f"{socket.gethostname()}:{os.getpid()}",
                        sample_ratio=settings.otel_sample_ratio) if settings.otel_endpoint else None)

@@ -8,7 +8,9 @@ affects it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import random
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor
 
@@ -18,7 +20,7 @@ from colgrid_client._pb import colgrid_pb2 as pb
 from colgrid_client._pb import colgrid_pb2_grpc as pb_grpc
 from colgrid_server.config import Settings
 from colgrid_server.errors import FailedPrecondition
-from colgrid_server.serving import Answer, Lease, Query, Route, ServingState
+from colgrid_server.serving import Answer, Lease, Query, Route, ServedVersion, ServingState
 from colgrid_server.service import convert, explain_rpc, requests
 from colgrid_server.service.status import abort_with
 
@@ -48,6 +50,7 @@ class SearchService(pb_grpc.SearchServiceServicer):
                     route.shadow.release()
                 raise
             self._shadow(route, route.shadow, query, answer)
+            self._sample_recall(route.version, query, answer)
             return self._response(request, route, answer)
         except Exception as exc:  # noqa: BLE001 - every error becomes a status in one place
             await abort_with(context, exc)
@@ -71,6 +74,7 @@ class SearchService(pb_grpc.SearchServiceServicer):
                     raise FailedPrecondition(f"{name}/{route.version.version} was unloaded under an open stream")
                 answer = await self._answer(lease, query)
                 self._shadow(route, self._state.shadow_for(name), query, answer)
+                self._sample_recall(route.version, query, answer)
                 yield self._response(request, route, answer)
         except Exception as exc:  # noqa: BLE001
             await abort_with(context, exc)
@@ -105,6 +109,21 @@ class SearchService(pb_grpc.SearchServiceServicer):
         except Exception:  # noqa: BLE001 - shadow trouble must never reach the caller
             shadow.release()
             log.exception("could not hand a query to the shadow runner")
+
+    def _sample_recall(self, served: ServedVersion, query: Query, answer: Answer) -> None:
+        """For a sampled share of searches, the same query on the same version, exhaustively,
+        after the answer went out: its overlap@k is the live recall (colgrid_sampled_recall)."""
+        rate = self._settings.recall_sample_rate
+        if not rate or query.exhaustive or random.random() >= rate:
+            return
+        lease = served.acquire()
+        if lease is None:  # unloaded meanwhile: nothing to compare with
+            return
+        try:
+            self._state.recall.submit(lease, dataclasses.replace(query, exhaustive=True), served.version, answer)
+        except Exception:  # noqa: BLE001 - sampling must never reach the caller
+            lease.release()
+            log.exception("could not hand a query to the recall sampler")
 
     @staticmethod
     def _response(request: pb.SearchRequest, route: Route, answer: Answer) -> pb.SearchResponse:

@@ -106,11 +106,13 @@ def _percentile(values: deque[float], q: float) -> float:
 class ShadowRunner:
     """Runs shadow searches on `workers` threads with at most `capacity` waiting or running."""
 
-    def __init__(self, *, workers: int = 1, capacity: int = 32) -> None:
+    def __init__(self, *, workers: int = 1, capacity: int = 32, name: str = "shadow") -> None:
+        """name: of its threads (colgrid-<name>). The recall sampler is a ShadowRunner too: the
+        same version searched exhaustively stands in for the shadow version."""
         if workers < 1 or capacity < 1:
             raise ValueError(f"shadow workers and capacity must be >= 1, got {workers}, {capacity}")
         self.capacity = capacity
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="colgrid-shadow")
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix=f"colgrid-{name}")
         self._lock = threading.Lock()
         self._pending = 0
         self._stats: dict[tuple[str, str, str], _PairStats] = {}

@@ -25,6 +25,8 @@ from colgrid_server.serving._shadow import ShadowRunner
 from colgrid_server.serving._versions import Lease, ServedVersion, VersionCheckFailed, check_ready, load_version
 from colgrid_server.storage import LocalStorage, VersionStorage
 
+RECALL_QUEUE = 4  # sampled-recall reruns waiting or running at most
+
 log = logging.getLogger(__name__)
 
 LOAD_RETRY_SECONDS = 30.0  # a failed load is retried on a new generation, or after this long
@@ -87,6 +89,9 @@ class ServingState:
         self._screen = screen
         self._storage = storage or LocalStorage()
         self.shadow = shadow or ShadowRunner()
+        # Sampled recall (settings.recall_sample_rate): exhaustive reruns of answered searches,
+        # one at a time, at most a few waiting: under load samples are shed, never searches.
+        self.recall = ShadowRunner(workers=1, capacity=RECALL_QUEUE, name="recall")
         self._snapshot: Mapping[str, IndexRoutes] = MappingProxyType({})
         # Written under _lock, copy-on-write, so readers (GetRollout, routes) never wait on a load.
         self._failures: Mapping[tuple[str, str], LoadFailure] = {}
@@ -321,6 +326,7 @@ class ServingState:
     def close(self) -> None:
         """Stop shadow work and retire everything (each version closes once drained)."""
         self.shadow.close()
+        self.recall.close()
         with self._lock:
             self._snapshot = MappingProxyType({})
             for served in self._held:
