@@ -31,7 +31,7 @@ from colgrid_server.index import open_version  # noqa: E402
 from colgrid_server.search import SearchParams, Searcher, parse_filter  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-TARGET_SHARES = (0.5, 0.1, 0.01, 0.001)
+TARGET_SHARES = (0.5, 0.1, 0.03, 0.01, 0.001)
 
 
 def pick_filters(version: Any) -> list[tuple[str, dict[str, Any]]]:

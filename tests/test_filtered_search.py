@@ -93,9 +93,17 @@ def test_conditions_and_document_ids_all_have_to_hold(corpus_and_searcher):
     assert np.flatnonzero(searcher.filters.mask(spec)).tolist() == want
 
 
-def test_a_search_returns_only_permitted_documents_and_finds_the_filtered_best(corpus_and_searcher):
+@pytest.fixture()
+def probing(monkeypatch):
+    """Filtered searches on this small corpus take the probing path, not the exact one."""
+    from colgrid_server.search import _searcher
+
+    monkeypatch.setattr(_searcher, "EXACT_FILTERED_DOCS", 0)
+
+
+def test_a_search_returns_only_permitted_documents_and_finds_the_filtered_best(corpus_and_searcher, probing):
     corpus, searcher = corpus_and_searcher
-    spec = DocumentFilter(must=(FieldCondition("lang", any_of=("en", "de")),))  # ~200 documents: probed
+    spec = DocumentFilter(must=(FieldCondition("lang", any_of=("en", "de")),))  # ~200 documents
     permitted = {f"doc-{i}" for i in range(DOCUMENTS) if reference(spec.must[0], metadata_of(i))}
     recalls = []
     for n in (4, 9, 16):
@@ -121,7 +129,18 @@ def test_a_selective_filter_scores_every_permitted_document_exactly(corpus_and_s
     assert got.stats.candidates == int(searcher.filters.mask(spec).sum())
 
 
-def test_probing_widens_when_the_filter_excludes_the_querys_neighbourhood(corpus_and_searcher):
+def test_up_to_1024_permitted_documents_are_all_scored_exactly(corpus_and_searcher):
+    corpus, searcher = corpus_and_searcher
+    spec = DocumentFilter(must=(FieldCondition("lang", any_of=("en", "de", "fr")),))  # ~260 of 400
+    q = corpus.vectors(8)
+    tokens = [f"t{i}" for i in range(8)]
+    got = searcher.search(q, tokens, SearchParams(k=10, n_candidates=20), where=spec)
+    want = searcher.exhaustive(q, tokens, SearchParams(k=10), where=spec)
+    assert got.stats.candidates == int(searcher.filters.mask(spec).sum()) > 2 * 20
+    assert [h.doc_id for h in got.hits] == [h.doc_id for h in want.hits]
+
+
+def test_probing_widens_when_the_filter_excludes_the_querys_neighbourhood(corpus_and_searcher, probing):
     corpus, searcher = corpus_and_searcher
     q = corpus.vectors(6)
     tokens = [f"t{i}" for i in range(6)]

@@ -43,8 +43,11 @@ DEFAULT_SEARCH_THREADS = 1
 # On a GPU a block is one kernel launch sequence and its host-side layout: big blocks amortise
 # both (2^18 x 128 fp32 similarities for 32 query tokens is 32 MB of device memory).
 GPU_BLOCK_TOKENS = 1 << 18
-# Filtered search: up to this many permitted documents per requested candidate are scored
-# exactly, all of them; beyond, probing widens (x2) at most this many times to find n_candidates.
+# Filtered search: when at most max(EXACT_FILTERED_DOCS, 2 x n_candidates) documents pass, all
+# of them are scored exactly (on one CPU thread ~0.018 ms a document: 1,024 cost about what an
+# unfiltered search of 20k documents does, bench/README "Filtered search"); beyond, probing
+# widens (x2) at most FILTER_PROBE_WIDENINGS times while fewer than n_candidates turn up.
+EXACT_FILTERED_DOCS = 1024
 EXACT_FILTERED_PER_CANDIDATE = 2
 FILTER_PROBE_WIDENINGS = 3
 # Concurrent searches batched into one exact pass (GPU): at most this many, a leader waiting at
@@ -167,12 +170,12 @@ class Searcher:
 
     def _filtered_candidates(self, query: np.ndarray, params: SearchParams, allowed: np.ndarray) -> np.ndarray:
         """Few permitted documents: all of them, scored exactly (no candidate can be missed, and
-        it costs about what candidate generation would). Many: the usual candidates among them,
+        it costs about what an unfiltered search would). Many: the usual candidates among them,
         probing twice as many centroids while fewer than n_candidates turn up (the filter thins
         the probed lists; it can even exclude the query's neighbourhood), and every permitted
         document if even then fewer than k did."""
         permitted = np.flatnonzero(allowed)
-        if permitted.shape[0] <= EXACT_FILTERED_PER_CANDIDATE * params.n_candidates:
+        if permitted.shape[0] <= max(EXACT_FILTERED_DOCS, EXACT_FILTERED_PER_CANDIDATE * params.n_candidates):
             return permitted
         nprobe = params.nprobe
         docs = self._candidates(query, nprobe, params.n_candidates, allowed)
