@@ -46,12 +46,8 @@ class EncoderObjects:
     url: str
     cache: VersionCache
     _fs: Any
-
-    def _key(self, uri: str) -> str:
-        raise NotImplementedError
-
-    def _each(self, items: Iterable[_T], work: Callable[[_T], None]) -> None:
-        raise NotImplementedError
+    _key: Callable[[str], str]  # the object key of a URI on this store
+    _each: Callable[[Iterable[_T], Callable[[_T], None]], None]  # work on items, a few at a time
 
     def encoder_uri(self, ident: str) -> str:
         if not re.fullmatch(r"[0-9a-f]{64}", ident):
