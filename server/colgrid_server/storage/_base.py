@@ -1,10 +1,10 @@
 """The contract every version store meets, and the names shared by its backends."""
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from colgrid_server.errors import ColgridError, FailedPrecondition
 
@@ -82,3 +82,25 @@ def remote_errors(uri: str, action: str) -> Iterator[None]:
     except Exception as exc:  # noqa: BLE001 - s3fs/botocore raise many types; callers see one
         raise StorageUnavailable(f"object storage: cannot {action} {uri}: {type(exc).__name__}: {exc}; {HINT}",
                                  version_path=uri) from exc
+
+
+def check_object(rel: str, entry: Mapping[str, Any], size: int, digest: Callable[[], str],
+                 corrupt: Callable[[str], Exception]) -> None:
+    """An object against its manifest entry: size first, then (only if that matched) sha256."""
+    if size != entry["size"]:
+        raise corrupt(f"object {rel} has {size} bytes, manifest.json says {entry['size']}")
+    if digest() != entry["sha256"]:
+        raise corrupt(f"object {rel} does not match its sha256 in manifest.json")
+
+
+def get_checked(fs: Any, remote: str, target: Path, rel: str, entry: Mapping[str, Any],
+                corrupt: Callable[[str], Exception]) -> None:
+    """Download one object listed in a manifest to `target` and check it against its entry."""
+    from colgrid_server.index._manifest import sha256_file
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fs.get_file(remote, str(target))
+    except FileNotFoundError:
+        raise corrupt(f"object {rel} listed in manifest.json is missing") from None
+    check_object(rel, entry, target.stat().st_size, lambda: sha256_file(target), corrupt)

@@ -18,6 +18,7 @@ import re
 import secrets
 import shutil
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from colgrid_server.encoders import encoder_id
 from colgrid_server.errors import FailedPrecondition, NotFound
 from colgrid_server.index import MANIFEST_NAME
 from colgrid_server.index._manifest import fsync_dir, fsync_tree, sha256_file
-from colgrid_server.storage._base import remote_errors
+from colgrid_server.storage._base import get_checked, remote_errors
 from colgrid_server.storage._cache import VersionCache
 
 _T = TypeVar("_T")
@@ -96,9 +97,10 @@ class EncoderObjects:
             staged.mkdir()
             try:
                 started = time.monotonic()
+                files, corrupt = manifest["files"], partial(_corrupt, uri)
                 with remote_errors(uri, "download"):
-                    self._each(sorted(manifest["files"]),
-                               lambda rel: self._get_encoder_file(uri, key, rel, manifest["files"][rel], staged))
+                    self._each(sorted(files), lambda rel: get_checked(self._fs, f"{key}/{FILES_DIR}/{rel}", staged / rel,
+                                                                      rel, files[rel], corrupt))
                 if encoder_id(staged) != ident:
                     raise _corrupt(uri, "the downloaded files do not have the encoder's id")
                 fsync_tree(staged)
@@ -132,17 +134,6 @@ class EncoderObjects:
             raise _corrupt(uri, f"manifest.json is not a {ENCODER_MANIFEST_FORMAT} manifest")
         return manifest
 
-    def _get_encoder_file(self, uri: str, key: str, rel: str, entry: dict[str, Any], staged: Path) -> None:
-        target = staged / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self._fs.get_file(f"{key}/{FILES_DIR}/{rel}", str(target))
-        except FileNotFoundError:
-            raise _corrupt(uri, f"object {rel} listed in manifest.json is missing") from None
-        if target.stat().st_size != entry["size"]:
-            raise _corrupt(uri, f"object {rel} has {target.stat().st_size} bytes, manifest.json says {entry['size']}")
-        if sha256_file(target) != entry["sha256"]:
-            raise _corrupt(uri, f"object {rel} does not match its sha256 in manifest.json")
 
 
 def _present(root: Path, ident: str) -> Path | None:

@@ -16,6 +16,7 @@ import logging
 import shutil
 import tempfile
 import time
+from functools import partial
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,8 +24,9 @@ from typing import Any, TypeVar
 
 from colgrid_server.errors import CorruptVersion, FailedPrecondition, InvalidArgument, NotFound
 from colgrid_server.index import MANIFEST_NAME, verify_version
-from colgrid_server.index._manifest import read_manifest, sha256_file, verify_files
-from colgrid_server.storage._base import HINT, INDEXES_PREFIX, StorageUnavailable, is_remote_uri, remote_errors
+from colgrid_server.index._manifest import read_manifest, verify_files
+from colgrid_server.storage._base import (HINT, INDEXES_PREFIX, StorageUnavailable, check_object, get_checked,
+                                          is_remote_uri, remote_errors)
 from colgrid_server.storage._cache import Pin, VersionCache
 from colgrid_server.storage._encoder_objects import EncoderObjects
 
@@ -185,17 +187,10 @@ class ObjectStorage(EncoderObjects):
             raise CorruptVersion(f"index version {uri}: its manifest.json ({sha[:12]}…) is not the one the registry "
                                  f"recorded ({manifest_sha256[:12]}…)", version_path=uri)
 
-        def get(rel: str) -> None:
-            target = staged / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                self._fs.get_file(f"{key}/{rel}", str(target))
-            except FileNotFoundError:
-                raise _corrupt(uri, f"object {rel} listed in manifest.json is missing") from None
-            _check_file(uri, rel, files[rel], target.stat().st_size, lambda: sha256_file(target))
-
+        corrupt = partial(_corrupt, uri)
         with remote_errors(uri, "download"):
-            self._each(sorted(files), get)
+            self._each(sorted(files), lambda rel: get_checked(self._fs, f"{key}/{rel}", staged / rel, rel, files[rel],
+                                                              corrupt))
         return files
 
     # --- verify, list, delete -------------------------------------------------------------------
@@ -211,7 +206,7 @@ class ObjectStorage(EncoderObjects):
 
         def check(rel: str) -> None:
             size, digest = self._stream_hash(f"{key}/{rel}")
-            _check_file(uri, rel, files[rel], size, lambda: digest)
+            check_object(rel, files[rel], size, lambda: digest, partial(_corrupt, uri))
 
         with remote_errors(uri, "verify"):
             self._check_listing(uri, key, files)
@@ -321,13 +316,6 @@ def _parsed(root: Path, uri: str) -> tuple[dict[str, dict[str, Any]], str]:
         return read_manifest(root)
     except CorruptVersion as exc:
         raise CorruptVersion(str(exc).replace(str(root), uri), version_path=uri) from None
-
-
-def _check_file(uri: str, rel: str, entry: Mapping[str, Any], size: int, digest: Callable[[], str]) -> None:
-    if size != entry["size"]:
-        raise _corrupt(uri, f"object {rel} has {size} bytes, manifest.json says {entry['size']}")
-    if digest() != entry["sha256"]:
-        raise _corrupt(uri, f"object {rel} does not match its sha256 in manifest.json")
 
 
 def _corrupt(uri: str, what: str) -> CorruptVersion:
